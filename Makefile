@@ -1,0 +1,26 @@
+# drcl_d2: every target sets up its own environment (scripts/setup_env.sh, idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= datasets/embedded_small
+OUT ?= output/demo
+# Each test file is a pytest worker-free run; -x stops at the first failure to save CI time.
+PYTEST_ARGS ?= -q
+
+.PHONY: setup demo test bench clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+# The main job on the embedded long-tailed dataset (no downloads).
+demo: setup
+	$(PY) -m drcl_d2.tools.demo --data $(DATA) --output $(OUT)
+
+# The test suite (CPU, real detectron2).
+test: setup
+	OMP_NUM_THREADS=2 $(PY) -m pytest $(PYTEST_ARGS) tests
+
+bench: setup
+	$(PY) benchmarks/bench_rebalance.py
+
+clean:
+	rm -rf output datasets/embedded_* .pytest_cache

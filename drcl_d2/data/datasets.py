@@ -1,0 +1,219 @@
+"""LVIS-format datasets registered from the config (DATASETS.LVIS_CUSTOM), with input checks.
+
+detectron2's ``register_lvis_instances`` only knows the builtin LVIS splits and its loader assumes
+category ids 1..N and images found through ``coco_url``. This loader reads any LVIS-format json
+(the embedded dataset, a user's LVIS subset) and stops or warns on bad input, naming the file,
+image id or annotation id at fault:
+
+- not a readable json / no images / missing "images" "annotations" "categories": error;
+- an annotation whose category or image is not in the json: error (a label bug, never guessed);
+- a degenerate box (non-finite, width or height <= 0) or a polygon with < 3 points: the annotation
+  is skipped with one warning that counts them and names the first few;
+- image files missing on disk: error listing how many and the first few (checked at load, before
+  training starts); a file that exists but cannot be decoded is handled by the mapper
+  (:class:`drcl_d2.data.mappers.CheckedDatasetMapper`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Iterable
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["register_lvis_format", "register_datasets_from_config", "load_lvis_format_json",
+           "check_lvis_frequencies"]
+
+_MAX_NAMED = 5  # how many offending ids an error or warning lists
+
+
+def _read_json(json_file: str) -> dict:
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"LVIS json not found: {json_file}")
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_file} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{json_file}: expected a JSON object, found {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ValueError(f"{json_file}: missing top-level key {key!r} (LVIS format needs it)")
+    if not data["images"]:
+        raise ValueError(f"{json_file}: the dataset has no images")
+    if not data["categories"]:
+        raise ValueError(f"{json_file}: the dataset has no categories")
+    return data
+
+
+def image_path(image_root: str, img: dict, rule: str = "auto") -> str:
+    """Where an image lives: `file_name` under image_root, or coco_url's split folder (LVIS v1)."""
+    if rule not in ("auto", "file_name", "coco_url"):
+        raise ValueError(f"DATASETS.LVIS_CUSTOM_PATH_RULE must be auto|file_name|coco_url, got {rule!r}")
+    if rule == "file_name" or (rule == "auto" and "file_name" in img):
+        if "file_name" not in img:
+            raise ValueError(f"image id {img.get('id')} has no 'file_name' (path rule 'file_name')")
+        return os.path.join(image_root, img["file_name"])
+    if "coco_url" not in img:
+        raise ValueError(f"image id {img.get('id')} has neither 'file_name' nor 'coco_url'")
+    split_folder, file_name = img["coco_url"].split("/")[-2:]
+    return os.path.join(image_root, split_folder, file_name)
+
+
+def _valid_box(bbox) -> bool:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return False
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+        return False
+    return bbox[2] > 0 and bbox[3] > 0
+
+
+def _valid_segmentation(segm) -> bool:
+    if isinstance(segm, dict):  # RLE
+        return "counts" in segm and "size" in segm
+    return (
+        isinstance(segm, list)
+        and len(segm) > 0
+        and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm)
+    )
+
+
+def _name_some(items: Iterable) -> str:
+    items = list(items)
+    more = f" (and {len(items) - _MAX_NAMED} more)" if len(items) > _MAX_NAMED else ""
+    return ", ".join(str(i) for i in items[:_MAX_NAMED]) + more
+
+
+def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | None = None,
+                          path_rule: str = "auto", check_files: bool = True) -> list[dict]:
+    """Read an LVIS-format json into detectron2 dataset dicts (contiguous category ids 0..C-1)."""
+    data = _read_json(json_file)
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    id_map = {c["id"]: i for i, c in enumerate(categories)}
+    images = {}
+    for img in data["images"]:
+        if "id" not in img or "height" not in img or "width" not in img:
+            raise ValueError(f"{json_file}: an image entry lacks id/height/width: {str(img)[:200]}")
+        if img["id"] in images:
+            raise ValueError(f"{json_file}: image id {img['id']} appears twice")
+        images[img["id"]] = img
+
+    anns_per_image: dict[int, list[dict]] = {i: [] for i in images}
+    bad_boxes, bad_segms, seen_ann_ids = [], [], set()
+    for ann in data["annotations"]:
+        ann_id = ann.get("id")
+        if ann_id in seen_ann_ids:
+            raise ValueError(f"{json_file}: annotation id {ann_id} appears twice")
+        seen_ann_ids.add(ann_id)
+        if ann.get("image_id") not in images:
+            raise ValueError(
+                f"{json_file}: annotation id {ann_id} refers to image id {ann.get('image_id')}, "
+                "which is not in 'images'"
+            )
+        if ann.get("category_id") not in id_map:
+            raise ValueError(
+                f"{json_file}: annotation id {ann_id} (image id {ann['image_id']}) has category_id "
+                f"{ann.get('category_id')}, which is not in 'categories'"
+            )
+        if not _valid_box(ann.get("bbox")):
+            bad_boxes.append(f"ann {ann_id}/image {ann['image_id']} bbox={ann.get('bbox')}")
+            continue
+        obj = {
+            "bbox": [float(v) for v in ann["bbox"]],
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": id_map[ann["category_id"]],
+        }
+        if "segmentation" in ann:
+            if not _valid_segmentation(ann["segmentation"]):
+                bad_segms.append(f"ann {ann_id}/image {ann['image_id']}")
+                continue
+            obj["segmentation"] = ann["segmentation"]
+        anns_per_image[ann["image_id"]].append(obj)
+    if bad_boxes:
+        logger.warning(
+            f"{json_file}: skipped {len(bad_boxes)} annotation(s) with a degenerate box "
+            f"(non-finite, or width/height <= 0): {_name_some(bad_boxes)}"
+        )
+    if bad_segms:
+        logger.warning(
+            f"{json_file}: skipped {len(bad_segms)} annotation(s) with an invalid polygon "
+            f"(< 3 points or odd length): {_name_some(bad_segms)}"
+        )
+
+    dataset_dicts, missing = [], []
+    for image_id in sorted(images):
+        img = images[image_id]
+        path = image_path(image_root, img, path_rule)
+        if check_files and not os.path.isfile(path):
+            missing.append(f"{path} (image id {image_id})")
+        dataset_dicts.append({
+            "file_name": path,
+            "height": img["height"],
+            "width": img["width"],
+            "image_id": image_id,
+            "not_exhaustive_category_ids": img.get("not_exhaustive_category_ids", []),
+            "neg_category_ids": img.get("neg_category_ids", []),
+            "annotations": anns_per_image[image_id],
+        })
+    if missing:
+        raise FileNotFoundError(
+            f"{json_file}: {len(missing)} of {len(images)} image files are missing under "
+            f"{image_root}: {_name_some(missing)}"
+        )
+    logger.info(f"Loaded {len(dataset_dicts)} images in LVIS format from {json_file}")
+    return dataset_dicts
+
+
+def check_lvis_frequencies(json_file: str, categories: list[dict] | None = None) -> None:
+    """LVIS evaluation (APr/APc/APf) needs `frequency` in {r, c, f} on every category."""
+    if categories is None:
+        categories = _read_json(json_file)["categories"]
+    bad = [f"id {c.get('id')} ({c.get('name', '?')})" for c in categories if c.get("frequency") not in ("r", "c", "f")]
+    if bad:
+        raise ValueError(
+            f"{json_file}: {len(bad)} categories lack a 'frequency' of 'r', 'c' or 'f', which LVIS "
+            f"evaluation needs (APr/APc/APf): {_name_some(bad)}. Add it (rare: 1-10 training images, "
+            "common: 11-100, frequent: >100) or evaluate with COCOEvaluator."
+        )
+
+
+def register_lvis_format(name: str, json_file: str, image_root: str, path_rule: str = "auto") -> None:
+    """Register an LVIS-format dataset under `name` with LVIS metadata (evaluator_type "lvis")."""
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if getattr(meta, "json_file", None) == json_file and getattr(meta, "image_root", None) == image_root:
+            return  # same registration again (e.g. setup() called twice): nothing to do
+        raise ValueError(f"Dataset name {name!r} is already registered with other files")
+    categories = sorted(_read_json(json_file)["categories"], key=lambda c: c["id"])
+    DatasetCatalog.register(
+        name, lambda: load_lvis_format_json(json_file, image_root, name, path_rule)
+    )
+    MetadataCatalog.get(name).set(
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="lvis",
+        thing_classes=[c.get("name", str(c["id"])) for c in categories],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
+        class_image_count=[{"id": c["id"], "image_count": c.get("image_count", 0)} for c in categories],
+        category_frequencies=[c.get("frequency") for c in categories],
+    )
+
+
+def register_datasets_from_config(cfg) -> list[str]:
+    """Register every [name, json_file, image_root] triple of cfg.DATASETS.LVIS_CUSTOM."""
+    names = []
+    for i, entry in enumerate(cfg.DATASETS.LVIS_CUSTOM):
+        if len(entry) != 3:
+            raise ValueError(
+                f"DATASETS.LVIS_CUSTOM[{i}] must be [name, json_file, image_root], got {list(entry)}"
+            )
+        name, json_file, image_root = entry
+        register_lvis_format(name, json_file, image_root, cfg.DATASETS.LVIS_CUSTOM_PATH_RULE)
+        names.append(name)
+    return names

@@ -1,0 +1,82 @@
+"""Hooks shared by train_net.py and pretrain_net.py."""
+from __future__ import annotations
+
+import logging
+
+from detectron2.engine import HookBase
+
+from ..data.samplers import DynamicRepeatFactorTrainingSampler
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RebalanceHook", "find_train_sampler"]
+
+
+def find_train_sampler(data_loader):
+    """The sampler inside a loader built by detectron2's build_detection_train_loader.
+
+    The loader is a torch DataLoader over ToIterableDataset(.sampler), possibly wrapped by
+    AspectRatioGroupedDataset / MapDataset (each keeps the inner object as `.dataset`).
+    """
+    obj, seen = data_loader, 0
+    while obj is not None and seen < 8:
+        sampler = getattr(obj, "sampler", None)
+        if sampler is not None and hasattr(sampler, "set_start_iter"):
+            return sampler
+        obj, seen = getattr(obj, "dataset", None), seen + 1
+    return None
+
+
+class RebalanceHook(HookBase):
+    """Keeps the training sampler on the trainer's iteration and logs Dynamic Rebalancing.
+
+    - before_train: tells the sampler the start iteration (0, or the resumed one). The loader's
+      workers are forked at the first step, after this, so each worker's copy starts there too.
+    - after_step: logs α_d, mean r_I and epoch length (Σ r_I) of the period in use to the
+      EventStorage (metrics.json, TensorBoard), as `drb/alpha`, `drb/mean_repeat`, `drb/epoch_length`.
+    - state_dict: the sampler position, saved in every checkpoint and checked on resume.
+    """
+
+    def __init__(self, sampler, total_batch_size: int):
+        self.sampler = sampler
+        self.total_batch_size = int(total_batch_size)
+
+    def before_train(self):
+        if self.sampler is None:
+            return
+        self.sampler.set_start_iter(self.trainer.start_iter)
+        if self.trainer.start_iter:
+            logger.info(
+                f"Training sampler resumes at iteration {self.trainer.start_iter} "
+                f"(global sample position {self.trainer.start_iter * self.total_batch_size})"
+            )
+
+    def after_step(self):
+        if not isinstance(self.sampler, DynamicRepeatFactorTrainingSampler):
+            return
+        state = self.sampler.state_at(self.trainer.iter)
+        self.trainer.storage.put_scalars(
+            **{"drb/alpha": state.alpha, "drb/mean_repeat": state.mean_repeat,
+               "drb/epoch_length": state.epoch_length},
+            smoothing_hint=False,
+        )
+
+    def state_dict(self):
+        # iter+1 is the first iteration a resumed run trains (DefaultTrainer.resume_or_load).
+        next_iter = self.trainer.iter + 1
+        return {
+            "sampler": type(self.sampler).__name__ if self.sampler is not None else None,
+            "total_batch_size": self.total_batch_size,
+            "next_position": next_iter * self.total_batch_size,
+        }
+
+    def load_state_dict(self, state):
+        if state.get("total_batch_size") not in (None, self.total_batch_size):
+            logger.warning(
+                f"Resuming with SOLVER.IMS_PER_BATCH={self.total_batch_size}, but the checkpoint was "
+                f"trained with {state['total_batch_size']}: the sampler restarts at iteration x new "
+                "batch, which is not the position the interrupted run reached."
+            )
+        name = type(self.sampler).__name__ if self.sampler is not None else None
+        if state.get("sampler") not in (None, name):
+            logger.warning(f"Resuming with sampler {name}; the checkpoint used {state['sampler']}.")

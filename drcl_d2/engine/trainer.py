@@ -1,0 +1,104 @@
+"""The fine-tuning trainer: detectron2's DefaultTrainer with drcl_d2's data pipeline.
+
+What differs from DefaultTrainer, and why:
+- build_train_loader: the LVIS pipeline (checked mapper + uniform / RFS / DRB sampler by name),
+  every sampler resuming at the trainer's iteration;
+- build_evaluator: LVISEvaluator or COCOEvaluator, picked from the dataset's metadata;
+- checkpoints are written atomically; RebalanceHook keeps the sampler on the trainer's iteration
+  and logs Dynamic Rebalancing;
+- DDP without device_ids on CPU, so `--num-gpus 2` runs as 2 gloo processes (tests do this).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+from detectron2.config import get_cfg
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator
+from detectron2.data import MetadataCatalog
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..config import add_drcl_config
+from ..data.build import build_lvis_train_loader
+from ..data.datasets import check_lvis_frequencies, register_datasets_from_config
+from .checkpoint import AtomicDetectionCheckpointer
+from .hooks import RebalanceHook, find_train_sampler
+
+__all__ = ["Trainer", "setup", "build_evaluator", "ddp_device_ids"]
+
+
+def ddp_device_ids(cfg):
+    """DDP's device_ids: the local GPU, or None for CPU processes (gloo)."""
+    return None if cfg.MODEL.DEVICE == "cpu" else [comm.get_local_rank()]
+
+
+def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None):
+    """LVISEvaluator for LVIS-format datasets, COCOEvaluator for COCO ones (by metadata)."""
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    meta = MetadataCatalog.get(dataset_name)
+    evaluator_type = getattr(meta, "evaluator_type", None)
+    if evaluator_type == "lvis":
+        if getattr(meta, "category_frequencies", None) is not None and None in meta.category_frequencies:
+            check_lvis_frequencies(meta.json_file)  # raises, naming the file and categories
+        return LVISEvaluator(dataset_name, cfg, True, output_folder,
+                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+    if evaluator_type == "coco":
+        return COCOEvaluator(dataset_name, output_dir=output_folder,
+                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+    raise NotImplementedError(
+        f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
+        "drcl_d2 evaluates LVIS- and COCO-format datasets"
+    )
+
+
+class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        # Same construction order as DefaultTrainer.
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False, device_ids=ddp_device_ids(cfg))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        # First, so the sampler knows the start iteration before anything touches the loader.
+        hooks.insert(0, RebalanceHook(find_train_sampler(self.data_loader), self.cfg.SOLVER.IMS_PER_BATCH))
+        return hooks
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_lvis_train_loader(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+
+def setup(args, extra_setup=None):
+    """Config from file + opts, drcl_d2's datasets registered, then detectron2's default_setup."""
+    cfg = get_cfg()
+    add_drcl_config(cfg)
+    if extra_setup is not None:
+        extra_setup(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    register_datasets_from_config(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg

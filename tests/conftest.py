@@ -1,0 +1,18 @@
+"""Shared fixtures: a tiny embedded LVIS-format dataset made once per session."""
+import os
+
+import pytest
+
+import drcl_d2  # noqa: F401  (registers the NumPy-2 fix for lvis before any test uses it)
+
+# Small thread counts keep the 2-core CI machine responsive when tests spawn processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """{"train_json", "val_json", "image_root", ...} of the 'tiny' embedded dataset."""
+    from drcl_d2.data.synthetic import PRESETS, make_longtail_dataset
+
+    root = tmp_path_factory.mktemp("embedded_tiny")
+    return make_longtail_dataset(str(root), **PRESETS["tiny"])

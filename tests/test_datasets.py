@@ -1,0 +1,172 @@
+"""LVIS-format registration from the config, and each bad input's documented error or warning."""
+import json
+import logging
+
+import numpy as np
+import pytest
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
+
+from drcl_d2 import add_drcl_config
+from drcl_d2.data.build import build_lvis_train_loader, build_train_sampler
+from drcl_d2.data.datasets import load_lvis_format_json, register_datasets_from_config
+from drcl_d2.engine.trainer import build_evaluator
+
+
+def _write_dataset(root, *, anns=None, categories=None, images=None):
+    """A 3-image LVIS-format dataset (real JPEGs) with category ids 10 and 20 (not 1..N)."""
+    (root / "train2017").mkdir(parents=True, exist_ok=True)
+    images = images or [
+        {"id": i, "height": 48, "width": 64, "file_name": f"train2017/{i:012d}.jpg",
+         "coco_url": f"http://images.cocodataset.org/train2017/{i:012d}.jpg",
+         "neg_category_ids": [], "not_exhaustive_category_ids": []}
+        for i in (1, 2, 3)
+    ]
+    for img in images:
+        Image.fromarray(np.full((48, 64, 3), 40 * img["id"], np.uint8)).save(root / img["file_name"])
+    categories = categories or [
+        {"id": 10, "name": "cat_a", "frequency": "f", "synset": "a.n.01", "synonyms": ["cat_a"], "def": "",
+         "image_count": 2, "instance_count": 2},
+        {"id": 20, "name": "cat_b", "frequency": "r", "synset": "b.n.01", "synonyms": ["cat_b"], "def": "",
+         "image_count": 1, "instance_count": 1},
+    ]
+    poly = [[5, 5, 30, 5, 30, 30, 5, 30]]
+    anns = anns if anns is not None else [
+        {"id": 1, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "area": 625, "segmentation": poly},
+        {"id": 2, "image_id": 2, "category_id": 10, "bbox": [5, 5, 25, 25], "area": 625, "segmentation": poly},
+        {"id": 3, "image_id": 2, "category_id": 20, "bbox": [5, 5, 25, 25], "area": 625, "segmentation": poly},
+    ]
+    path = root / "train.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return str(path), str(root)
+
+
+def _cfg(name, json_file, root, sampler="DynamicRepeatFactorTrainingSampler"):
+    cfg = get_cfg()
+    add_drcl_config(cfg)
+    cfg.DATASETS.LVIS_CUSTOM = [[name, json_file, root]]
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.DATASETS.TEST = (name,)
+    cfg.DATALOADER.SAMPLER_TRAIN = sampler
+    cfg.DATALOADER.REPEAT_THRESHOLD = 0.5
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.MAX_ITER = 10
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.DATALOADER.NUM_WORKERS = 0  # warnings from the main process reach caplog
+    return cfg
+
+
+def test_register_from_config_with_metadata(tmp_path):
+    json_file, root = _write_dataset(tmp_path)
+    cfg = _cfg("ds_ok", json_file, root)
+    assert register_datasets_from_config(cfg) == ["ds_ok"]
+    register_datasets_from_config(cfg)  # registering the same triple twice is harmless
+    meta = MetadataCatalog.get("ds_ok")
+    assert meta.evaluator_type == "lvis" and meta.thing_classes == ["cat_a", "cat_b"]
+    assert meta.thing_dataset_id_to_contiguous_id == {10: 0, 20: 1}
+    dicts = DatasetCatalog.get("ds_ok")
+    assert [d["image_id"] for d in dicts] == [1, 2, 3]
+    assert dicts[1]["file_name"].endswith("train2017/000000000002.jpg")
+    assert sorted(a["category_id"] for a in dicts[1]["annotations"]) == [0, 1]
+    # DRB over the filtered list the loader uses: image 3 has no annotations and is dropped.
+    loader = build_lvis_train_loader(cfg)
+    batch = next(iter(loader))
+    assert len(batch) == 2 and batch[0]["image"].shape[0] == 3
+    with pytest.raises(ValueError, match="already registered"):
+        register_datasets_from_config(_cfg("ds_ok", json_file + ".other", root))
+
+
+def test_coco_url_path_rule(tmp_path):
+    json_file, root = _write_dataset(tmp_path)
+    data = json.loads(open(json_file).read())
+    for img in data["images"]:
+        del img["file_name"]
+    open(json_file, "w").write(json.dumps(data))
+    dicts = load_lvis_format_json(json_file, root)
+    assert dicts[0]["file_name"] == f"{root}/train2017/000000000001.jpg"
+
+
+def test_unknown_category_is_an_error_naming_the_annotation(tmp_path):
+    json_file, root = _write_dataset(tmp_path, anns=[
+        {"id": 77, "image_id": 2, "category_id": 99, "bbox": [1, 1, 5, 5], "area": 25,
+         "segmentation": [[1, 1, 6, 1, 6, 6]]}])
+    with pytest.raises(ValueError, match=r"annotation id 77 \(image id 2\) has category_id 99"):
+        load_lvis_format_json(json_file, root)
+
+
+def test_degenerate_boxes_are_skipped_with_a_counted_warning(tmp_path, caplog):
+    poly = [[1, 1, 6, 1, 6, 6]]
+    json_file, root = _write_dataset(tmp_path, anns=[
+        {"id": 1, "image_id": 1, "category_id": 10, "bbox": [1, 1, 0, 5], "area": 0, "segmentation": poly},
+        {"id": 2, "image_id": 1, "category_id": 10, "bbox": [1, 1, float("nan"), 5], "area": 0, "segmentation": poly},
+        {"id": 3, "image_id": 1, "category_id": 10, "bbox": [1, 1, 5, 5], "area": 25, "segmentation": poly},
+        {"id": 4, "image_id": 2, "category_id": 20, "bbox": [1, 1, 5, 5], "area": 25, "segmentation": [[1, 2]]},
+    ])
+    with caplog.at_level(logging.WARNING):
+        dicts = load_lvis_format_json(json_file, root)
+    assert [len(d["annotations"]) for d in dicts] == [1, 0, 0]
+    assert "skipped 2 annotation(s) with a degenerate box" in caplog.text and "ann 1/image 1" in caplog.text
+    assert "skipped 1 annotation(s) with an invalid polygon" in caplog.text and "ann 4/image 2" in caplog.text
+
+
+def test_missing_image_file_is_an_error_naming_it(tmp_path):
+    json_file, root = _write_dataset(tmp_path)
+    (tmp_path / "train2017" / "000000000003.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 image files are missing.*000000000003.jpg \(image id 3\)"):
+        load_lvis_format_json(json_file, root)
+
+
+def test_corrupt_image_is_skipped_by_the_mapper_with_a_warning(tmp_path, caplog):
+    json_file, root = _write_dataset(tmp_path)
+    (tmp_path / "train2017" / "000000000002.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    cfg = _cfg("ds_corrupt", json_file, root, sampler="TrainingSampler")
+    cfg.SOLVER.IMS_PER_BATCH = 1
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    register_datasets_from_config(cfg)
+    loader = iter(build_lvis_train_loader(cfg))
+    with caplog.at_level(logging.WARNING):
+        seen = [next(loader)[0]["image_id"] for _ in range(12)]
+    assert 2 not in seen and {1, 3} <= set(seen)
+    assert "Skipping unreadable image" in caplog.text and "(image id 2)" in caplog.text
+
+
+def test_empty_and_malformed_json(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1}]}))
+    with pytest.raises(ValueError, match="empty.json: the dataset has no images"):
+        load_lvis_format_json(str(empty), str(tmp_path))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        load_lvis_format_json(str(broken), str(tmp_path))
+    nokey = tmp_path / "nokey.json"
+    nokey.write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="missing top-level key 'annotations'"):
+        load_lvis_format_json(str(nokey), str(tmp_path))
+
+
+def test_all_images_empty_after_filtering_is_an_error(tmp_path):
+    json_file, root = _write_dataset(tmp_path, anns=[])
+    cfg = _cfg("ds_no_anns", json_file, root)
+    register_datasets_from_config(cfg)
+    with pytest.raises(Exception, match="hold no images|No valid data found|empty"):
+        build_lvis_train_loader(cfg)
+
+
+def test_missing_frequency_fails_lvis_evaluation_not_training(tmp_path):
+    cats = [{"id": 10, "name": "cat_a"}, {"id": 20, "name": "cat_b", "frequency": "r"}]
+    json_file, root = _write_dataset(tmp_path, categories=cats)
+    cfg = _cfg("ds_nofreq", json_file, root)
+    register_datasets_from_config(cfg)
+    build_lvis_train_loader(cfg)  # DRB computes frequencies from the data: training is fine
+    with pytest.raises(ValueError, match=r"train.json: 1 categories lack a 'frequency'.*id 10 \(cat_a\)"):
+        build_evaluator(cfg, "ds_nofreq", str(tmp_path / "eval"))
+
+
+def test_unknown_sampler_name(tmp_path):
+    json_file, root = _write_dataset(tmp_path)
+    cfg = _cfg("ds_sampler", json_file, root, sampler="FancySampler")
+    register_datasets_from_config(cfg)
+    with pytest.raises(ValueError, match="Unknown DATALOADER.SAMPLER_TRAIN 'FancySampler'.*DynamicRepeatFactorTrainingSampler"):
+        build_train_sampler(cfg, DatasetCatalog.get("ds_sampler"))

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Fine-tune and evaluate detectron2 Faster / Mask R-CNN on LVIS v1, COCO or an LVIS-format dataset.
+
+    python train_net.py --config-file configs/LVISv1/mask_rcnn_R_50_FPN_2x_drb.yaml --num-gpus 8
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file ... --resume          # continue the run in OUTPUT_DIR
+
+The sampler (uniform / RFS / Dynamic Rebalancing) is DATALOADER.SAMPLER_TRAIN; datasets of your
+own are DATASETS.LVIS_CUSTOM [[name, json, image_root], ...].
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from drcl_d2.engine import Trainer, setup
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
