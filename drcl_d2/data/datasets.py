@@ -24,6 +24,8 @@ from typing import Iterable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from .image_folder import register_image_folders_from_config
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["register_lvis_format", "register_datasets_from_config", "load_lvis_format_json",
@@ -216,4 +218,5 @@ def register_datasets_from_config(cfg) -> list[str]:
         name, json_file, image_root = entry
         register_lvis_format(name, json_file, image_root, cfg.DATASETS.LVIS_CUSTOM_PATH_RULE)
         names.append(name)
+    names += register_image_folders_from_config(cfg)  # DATASETS.IMAGE_FOLDERS: unlabeled (DetCo / MoCo v2)
     return names

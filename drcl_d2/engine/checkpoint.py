@@ -1,6 +1,8 @@
 """Checkpoints that a crash cannot corrupt."""
 from __future__ import annotations
 
+from __future__ import annotations
+
 import os
 import tempfile
 

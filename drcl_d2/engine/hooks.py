@@ -40,6 +40,9 @@ class RebalanceHook(HookBase):
     def __init__(self, sampler, total_batch_size: int):
         self.sampler = sampler
         self.total_batch_size = int(total_batch_size)
+        # The DRB sampler itself, also when wrapped (e.g. by the pretraining PositionTaggedSampler).
+        inner = getattr(sampler, "sampler", sampler)
+        self._drb = inner if isinstance(inner, DynamicRepeatFactorTrainingSampler) else None
 
     def before_train(self):
         if self.sampler is None:
@@ -52,20 +55,24 @@ class RebalanceHook(HookBase):
             )
 
     def after_step(self):
-        if not isinstance(self.sampler, DynamicRepeatFactorTrainingSampler):
+        if self._drb is None:
             return
-        state = self.sampler.state_at(self.trainer.iter)
+        state = self._drb.state_at(self.trainer.iter)
         self.trainer.storage.put_scalars(
             **{"drb/alpha": state.alpha, "drb/mean_repeat": state.mean_repeat,
                "drb/epoch_length": state.epoch_length},
             smoothing_hint=False,
         )
 
+    def _sampler_name(self):
+        inner = getattr(self.sampler, "sampler", self.sampler)
+        return type(inner).__name__ if inner is not None else None
+
     def state_dict(self):
         # iter+1 is the first iteration a resumed run trains (DefaultTrainer.resume_or_load).
         next_iter = self.trainer.iter + 1
         return {
-            "sampler": type(self.sampler).__name__ if self.sampler is not None else None,
+            "sampler": self._sampler_name(),
             "total_batch_size": self.total_batch_size,
             "next_position": next_iter * self.total_batch_size,
         }
@@ -77,6 +84,6 @@ class RebalanceHook(HookBase):
                 f"trained with {state['total_batch_size']}: the sampler restarts at iteration x new "
                 "batch, which is not the position the interrupted run reached."
             )
-        name = type(self.sampler).__name__ if self.sampler is not None else None
+        name = self._sampler_name()
         if state.get("sampler") not in (None, name):
             logger.warning(f"Resuming with sampler {name}; the checkpoint used {state['sampler']}.")

@@ -14,6 +14,8 @@ import logging
 import os
 import weakref
 
+import torch
+
 from detectron2.config import get_cfg
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
 from detectron2.engine.defaults import create_ddp_model
@@ -66,7 +68,11 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False, device_ids=ddp_device_ids(cfg))
+        model = create_ddp_model(
+            model, broadcast_buffers=False, device_ids=ddp_device_ids(cfg),
+            # A pretraining model with a loss term switched off leaves that term's modules unused.
+            find_unused_parameters=bool(getattr(model, "has_unused_parameters", False)),
+        )
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
@@ -99,6 +105,10 @@ def setup(args, extra_setup=None):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     register_datasets_from_config(cfg)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # The same configs serve GPU clusters and CPU machines (tests, the demo).
+        logging.getLogger(__name__).warning("No CUDA device available: running on the CPU (MODEL.DEVICE cpu)")
+        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

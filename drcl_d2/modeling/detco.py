@@ -1,0 +1,313 @@
+"""DetCo (Xie et al., ICCV 2021) and its baseline MoCo v2, as one detectron2 meta-architecture.
+
+    L = sum_{i in levels} w_i (L^i_{g<->g} + L^i_{l<->l} + L^i_{g<->l})
+
+* g<->g: the query view's global embedding against the key view's (MoCo v2 at res5);
+* l<->l: the query patch set's local embedding against the key patch set's;
+* g<->l: the query patch set's local embedding against the key view's global embedding, with the
+  global queue as negatives (no mirrored term);
+
+each an InfoNCE with the positive at index 0 and the level's queue as negatives. MoCo v2 is this
+model with LEVELS [res5] and LOCAL False (configs/pretrain/moco_v2_*.yaml): one code path.
+
+As the official MoCo v2 the loss is not symmetrised: view 1 (``view_q``) is the query, view 2
+(``view_k``) the key. The key encoder and key heads are updated by momentum inside ``forward``,
+before the keys are computed; its batch is shuffled across ranks (Shuffle BN), the jigsaw patch
+sets moving with their image, and both global and local keys are unshuffled before the losses.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.utils import comm
+from torch import nn
+
+from ..data.jigsaw import GRID, DetCoViewMapper
+from .losses import info_nce
+from .momentum import FeatureQueue, concat_all_gather, copy_params, momentum_update
+
+__all__ = ["DetCo", "mlp_head"]
+
+NUM_PATCHES = GRID * GRID  # 9 patches per jigsaw set (paper)
+QUEUE_SEED = 20210101  # queues start as the same random unit vectors on every rank (see _new_queue)
+
+
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """MoCo v2's projection head: Linear -> ReLU -> Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+def _new_queue(size: int, dim: int, index: int) -> FeatureQueue:
+    """A FeatureQueue whose initial random keys depend on `index` only, not on the global RNG.
+
+    The trainer's DDP does not broadcast buffers, and detectron2 seeds each rank differently: a
+    queue drawn from the global RNG would start with different negatives on every rank.
+    """
+    queue = FeatureQueue(size, dim)
+    gen = torch.Generator().manual_seed(QUEUE_SEED + index)
+    queue.keys.copy_(F.normalize(torch.randn(size, dim, generator=gen), dim=1))
+    return queue
+
+
+class _OnlineNetwork(nn.Module):
+    """What MODEL.WEIGHTS loads into: ``backbone`` is the query encoder (not a copy)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+
+@META_ARCH_REGISTRY.register()
+class DetCo(nn.Module):
+    """Query encoder + momentum key encoder, per-level global / local heads and queues."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        encoder: Backbone,
+        levels: Sequence[str] = ("res2", "res3", "res4", "res5"),
+        level_weights: Sequence[float] = (0.1, 0.4, 0.7, 1.0),
+        local: bool = True,
+        embed_dim: int = 128,
+        local_hidden_dim: int = 0,
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        momentum: float = 0.999,
+        shuffle_bn: bool = True,
+        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
+        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        depth: int | None = None,
+    ):
+        """
+        Args:
+            encoder: the query encoder, a detectron2 Backbone whose outputs include ``levels``.
+            levels: encoder outputs with their own heads, queues and loss terms, e.g. ["res5"].
+            level_weights: w_i of each level, in the order of ``levels``.
+            local: the jigsaw branch (l<->l and g<->l terms); False is MoCo v2.
+            embed_dim: output width of every head (128).
+            local_hidden_dim: hidden width of the local heads; 0 = the level's channels C.
+            queue_size: K, keys per queue (one global, one local queue per level).
+            temperature: tau of InfoNCE.
+            momentum: m of the key encoder update k <- m k + (1 - m) q.
+            shuffle_bn: shuffle the key encoder's batch across ranks (Shuffle BN).
+            pixel_mean, pixel_std: input normalisation, in the inputs' channel order.
+            depth: ResNet depth, recorded in checkpoint_meta() only.
+        """
+        super().__init__()
+        levels = tuple(levels)
+        if not levels or len(set(levels)) != len(levels):
+            raise ValueError(f"MODEL.DETCO.LEVELS must name distinct encoder outputs, got {list(levels)}")
+        if len(level_weights) != len(levels):
+            raise ValueError(f"MODEL.DETCO.LEVEL_WEIGHTS {list(level_weights)} must give one weight per "
+                             f"level of MODEL.DETCO.LEVELS {list(levels)}")
+        shapes = encoder.output_shape()
+        missing = [lvl for lvl in levels if lvl not in shapes]
+        if missing:
+            raise ValueError(f"MODEL.DETCO.LEVELS {missing} are not encoder outputs {sorted(shapes)}: "
+                             "add them to MODEL.RESNETS.OUT_FEATURES")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"MODEL.DETCO.MOMENTUM must be in [0, 1], got {momentum}")
+        self.levels = levels
+        self.level_weights = {lvl: float(w) for lvl, w in zip(levels, level_weights)}
+        self.local = bool(local)
+        self.temperature = float(temperature)  # tau
+        self.momentum = float(momentum)  # m
+        self.shuffle_bn = bool(shuffle_bn)
+        self.depth = depth
+        channels = {lvl: shapes[lvl].channels for lvl in levels}
+
+        # Query encoder and heads (trained); key encoder and heads (momentum copies, no gradient).
+        self.encoder_q = encoder
+        self.global_heads_q = nn.ModuleDict(
+            {lvl: mlp_head(c, c, embed_dim) for lvl, c in channels.items()})  # C -> C -> 128
+        self.local_heads_q = nn.ModuleDict(
+            {lvl: mlp_head(NUM_PATCHES * c, local_hidden_dim or c, embed_dim) for lvl, c in channels.items()}
+            if self.local else {})  # 9C -> C -> 128
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.global_heads_k = copy.deepcopy(self.global_heads_q)
+        self.local_heads_k = copy.deepcopy(self.local_heads_q)
+        self.init_target()
+
+        # Negative queues of past keys, K x 128 each, and their write pointers (checkpointed buffers).
+        self.queue_global = nn.ModuleDict(
+            {lvl: _new_queue(queue_size, embed_dim, 2 * i) for i, lvl in enumerate(levels)})
+        self.queue_local = nn.ModuleDict(
+            {lvl: _new_queue(queue_size, embed_dim, 2 * i + 1) for i, lvl in enumerate(levels)}
+            if self.local else {})
+
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        if cfg.MODEL.BACKBONE.FREEZE_AT != 0:
+            raise ValueError("DetCo / MoCo v2 train the whole encoder: set MODEL.BACKBONE.FREEZE_AT 0")
+        d = cfg.MODEL.DETCO
+        return {
+            "encoder": build_resnet_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))),
+            "levels": d.LEVELS,
+            "level_weights": d.LEVEL_WEIGHTS,
+            "local": d.LOCAL,
+            "embed_dim": d.EMBED_DIM,
+            "local_hidden_dim": d.LOCAL_HIDDEN_DIM,
+            "queue_size": d.QUEUE_SIZE,
+            "temperature": d.TEMPERATURE,
+            "momentum": d.MOMENTUM,
+            "shuffle_bn": d.SHUFFLE_BN,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "depth": cfg.MODEL.RESNETS.DEPTH,
+        }
+
+    @classmethod
+    def build_mapper(cls, cfg, dataset_dicts: list[dict]):
+        """The pretraining loader's mapper (PretrainTrainer): two views and, for DetCo, two patch sets."""
+        return DetCoViewMapper(cfg), dataset_dicts
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def method(self) -> str:
+        """"moco_v2" for one level without the local branch, else "detco"."""
+        return "detco" if self.local or len(self.levels) > 1 else "moco_v2"
+
+    def checkpoint_meta(self) -> dict:
+        """The top-level ``"drcl_d2"`` entry of a checkpoint, read by drcl-convert."""
+        return {"method": self.method, "depth": self.depth}
+
+    def online_network(self) -> nn.Module:
+        """The module MODEL.WEIGHTS is loaded into: ``.backbone`` is the query encoder."""
+        return _OnlineNetwork(self.encoder_q)
+
+    def _key_modules(self):
+        return ((self.encoder_q, self.encoder_k), (self.global_heads_q, self.global_heads_k),
+                (self.local_heads_q, self.local_heads_k))
+
+    @torch.no_grad()
+    def init_target(self) -> None:
+        """Key encoder and heads <- query encoder and heads (construction, and after MODEL.WEIGHTS)."""
+        for q, k in self._key_modules():
+            copy_params(q, k)
+
+    # ------------------------------------------------------------------------------------------
+    # MoCo's named mechanisms
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        """k <- m k + (1 - m) q for the key encoder and key heads (BN buffers copied)."""
+        for q, k in self._key_modules():
+            momentum_update(q, k, self.momentum)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys_global: dict, keys_local: dict) -> None:
+        """Push this step's keys of all ranks (gathered, rank order) into each level's queues."""
+        for lvl in self.levels:
+            self.queue_global[lvl].enqueue(concat_all_gather(keys_global[lvl]))  # (world*N, 128)
+            if self.local:
+                self.queue_local[lvl].enqueue(concat_all_gather(keys_local[lvl]))
+
+    @torch.no_grad()
+    def _batch_shuffle_ddp(self, images: torch.Tensor, patches: torch.Tensor | None):
+        """Shuffle the global batch across ranks; each patch set moves with its image.
+
+        images (N, 3, H, W), patches (N, 9, 3, P, P) or None, N per rank. Returns this rank's
+        shuffled images and patches and the permutation that undoes the shuffle (None on one
+        process, where nothing moves).
+        """
+        world = comm.get_world_size()
+        if world == 1 or not self.shuffle_bn:
+            return images, patches, None
+        n = images.shape[0]
+        images_all = concat_all_gather(images)  # (world*N, 3, H, W)
+        idx_shuffle = torch.randperm(world * n, device=images.device)  # seeded per step by the trainer
+        dist.broadcast(idx_shuffle, src=0)  # every rank uses rank 0's permutation
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        idx_this = idx_shuffle.view(world, n)[comm.get_rank()]
+        patches_this = concat_all_gather(patches)[idx_this] if patches is not None else None
+        return images_all[idx_this], patches_this, idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, x: torch.Tensor, idx_unshuffle: torch.Tensor | None) -> torch.Tensor:
+        """Undo _batch_shuffle_ddp on per-image rows x (N, D): row i is again this rank's image i."""
+        if idx_unshuffle is None:
+            return x
+        world = comm.get_world_size()
+        x_all = concat_all_gather(x)  # (world*N, D)
+        return x_all[idx_unshuffle.view(world, -1)[comm.get_rank()]]
+
+    # ------------------------------------------------------------------------------------------
+    # Embeddings and losses
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> float, (x - mean) / std."""
+        return (images.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
+
+    def _global_embeddings(self, encoder, heads, images: torch.Tensor) -> dict:
+        """images (N, 3, H, W) -> {level: L2-normalised (N, 128)}: pool, head, normalise."""
+        features = encoder(images)  # {level: (N, C, h, w)}
+        return {lvl: F.normalize(heads[lvl](features[lvl].mean(dim=(2, 3))), dim=1) for lvl in self.levels}
+
+    def _local_embeddings(self, encoder, heads, patches: torch.Tensor) -> dict:
+        """patches (N, 9, 3, P, P) -> {level: L2-normalised (N, 128)} from the 9 pooled patch features."""
+        n = patches.shape[0]
+        features = encoder(patches.flatten(0, 1))  # {level: (N*9, C, h, w)}
+        # Per level: pool (N*9, C) -> concatenate each image's 9 patches (N, 9C) -> head (N, 128).
+        return {lvl: F.normalize(heads[lvl](features[lvl].mean(dim=(2, 3)).reshape(n, -1)), dim=1)
+                for lvl in self.levels}
+
+    def contrastive_losses(self, q_global: dict, q_local: dict, k_global: dict, k_local: dict) -> dict:
+        """{"loss_<level>_gg", "_ll", "_gl": w_level * InfoNCE} against the current queues."""
+        losses = {}
+        tau = self.temperature
+        for lvl in self.levels:
+            w = self.level_weights[lvl]
+            # Copies: the queues are overwritten in place by the enqueue before backward runs.
+            queue_g = self.queue_global[lvl].keys.clone()  # (K, 128)
+            losses[f"loss_{lvl}_gg"] = w * info_nce(q_global[lvl], k_global[lvl], queue_g, tau)
+            if self.local:
+                queue_l = self.queue_local[lvl].keys.clone()  # (K, 128)
+                losses[f"loss_{lvl}_ll"] = w * info_nce(q_local[lvl], k_local[lvl], queue_l, tau)
+                losses[f"loss_{lvl}_gl"] = w * info_nce(q_local[lvl], k_global[lvl], queue_g, tau)
+        return losses
+
+    def forward(self, batched_inputs: list[dict]) -> dict:
+        """batched_inputs: N dicts of DetCoViewMapper. Returns the named, weighted losses."""
+        if not self.training:
+            raise RuntimeError("DetCo is a pretraining model without inference: convert its checkpoint "
+                               "with drcl-convert and fine-tune a detector")
+        view_q = self._normalize(torch.stack([x["view_q"] for x in batched_inputs]))  # (N, 3, S, S)
+        view_k = self._normalize(torch.stack([x["view_k"] for x in batched_inputs]))  # (N, 3, S, S)
+        patches_q = patches_k = None
+        if self.local:
+            patches_q = self._normalize(torch.stack([x["patches_q"] for x in batched_inputs]))  # (N, 9, 3, P, P)
+            patches_k = self._normalize(torch.stack([x["patches_k"] for x in batched_inputs]))  # (N, 9, 3, P, P)
+
+        # Queries: {level: (N, 128)}.
+        q_global = self._global_embeddings(self.encoder_q, self.global_heads_q, view_q)
+        q_local = self._local_embeddings(self.encoder_q, self.local_heads_q, patches_q) if self.local else {}
+
+        # Keys: momentum update first, then the key encoder on the rank-shuffled batch.
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            view_k, patches_k, idx_unshuffle = self._batch_shuffle_ddp(view_k, patches_k)
+            k_global = self._global_embeddings(self.encoder_k, self.global_heads_k, view_k)  # {level: (N, 128)}
+            k_local = self._local_embeddings(self.encoder_k, self.local_heads_k, patches_k) if self.local else {}
+            k_global = {lvl: self._batch_unshuffle_ddp(k, idx_unshuffle) for lvl, k in k_global.items()}
+            k_local = {lvl: self._batch_unshuffle_ddp(k, idx_unshuffle) for lvl, k in k_local.items()}
+
+        # Losses against the queues as they were before this step, then enqueue this step's keys.
+        losses = self.contrastive_losses(q_global, q_local, k_global, k_local)
+        self._dequeue_and_enqueue(k_global, k_local)
+        return losses

@@ -1,0 +1,47 @@
+"""Loss functions named after the papers' equations."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["info_nce", "info_nce_with_batch_negatives", "l2_normalized_mse"]
+
+
+def info_nce(query: torch.Tensor, positive_key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """L = -log exp(q·k+/τ) / (exp(q·k+/τ) + Σ_i exp(q·k_i/τ)), averaged over the batch.
+
+    query (N, D) and positive_key (N, D) are L2-normalised; queue (K, D) holds the negatives
+    (detached). The positive sits at logit index 0, as in MoCo.
+    """
+    positive = (query * positive_key).sum(dim=1, keepdim=True)  # (N, 1)
+    negatives = query @ queue.detach().t()  # (N, K)
+    logits = torch.cat([positive, negatives], dim=1) / temperature  # (N, 1+K)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+def info_nce_with_batch_negatives(query: torch.Tensor, keys: torch.Tensor, positive_index: torch.Tensor,
+                                  queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE where query i's positive is keys[positive_index[i]], its negatives every other key
+    and the queue.
+
+    query (M, D) L2-normalised boxes of this rank; keys (M_all, D) the target keys of the whole
+    batch (all ranks); queue (K, D). Used by the box-level LCL term: the other boxes of the
+    batch are negatives on top of the queued ones.
+    """
+    if query.shape[0] == 0:
+        return query.sum() * 0.0
+    batch_logits = query @ keys.detach().t()  # (M, M_all)
+    queue_logits = query @ queue.detach().t()  # (M, K)
+    logits = torch.cat([batch_logits, queue_logits], dim=1) / temperature  # (M, M_all+K)
+    return F.cross_entropy(logits, positive_index)
+
+
+def l2_normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ||n(pred) - n(target)||², n = L2 normalisation over channels (dim 1).
+
+    pred, target (N, C, H, W). Equals 2 - 2·cos per position, so it is bounded in [0, 4].
+    """
+    pred = F.normalize(pred, dim=1)
+    target = F.normalize(target.detach(), dim=1)
+    return (pred - target).pow(2).sum(dim=1).mean()

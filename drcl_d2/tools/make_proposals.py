@@ -1,0 +1,173 @@
+"""Write a class-agnostic proposals file with a detectron2 model's RPN (2DRCL's box source).
+
+    python -m drcl_d2.tools.make_proposals --config-file CFG --dataset NAME --output proposals.json \
+        [--topk 100] [KEY VALUE ...]
+
+The model is built from the config (trailing KEY VALUE pairs override it, as in detectron2's
+tools), MODEL.WEIGHTS is loaded, and every image of the dataset (detectron2's test loader: test-time
+resize, all images, none filtered) goes through the backbone and the RPN only. The RPN is
+class-agnostic by nature; its top-k proposals per image (after its own NMS), rescaled to the
+original image and clipped, are written as a COCO detection-results list::
+
+    [{"image_id": 1, "bbox": [x, y, w, h], "score": sigmoid(objectness), "category_id": 1}, ...]
+
+which :func:`drcl_d2.data.proposals.load_proposals` reads (INPUT.TWO_VIEW.PROPOSAL_FILES).
+The file is written atomically (temporary file, then rename). Runs on CPU when CUDA is absent.
+Single process: run it once per dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+
+logger = logging.getLogger("drcl_d2.make_proposals")
+
+__all__ = ["main", "setup_cfg", "generate_proposals"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="detectron2 config (yaml)")
+    parser.add_argument("--dataset", required=True, help="registered dataset name (e.g. from DATASETS.LVIS_CUSTOM)")
+    parser.add_argument("--output", required=True, help="proposals json to write")
+    parser.add_argument("--topk", type=int, default=100, help="proposals kept per image (default 100)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    args = parser.parse_args(argv)
+    if args.topk < 1:
+        parser.error(f"--topk must be >= 1, got {args.topk}")
+    return args
+
+
+def setup_cfg(config_file: str, opts: list[str]):
+    """get_cfg + drcl_d2 keys + file + opts; CPU when no CUDA; datasets of LVIS_CUSTOM registered."""
+    from detectron2.config import get_cfg
+
+    from drcl_d2 import add_drcl_config
+    from drcl_d2.data.datasets import register_datasets_from_config
+
+    cfg = get_cfg()
+    add_drcl_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
+        logger.info(f"CUDA is not available: MODEL.DEVICE {cfg.MODEL.DEVICE} -> cpu")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    register_datasets_from_config(cfg)
+    return cfg
+
+
+def _preprocess(model, cfg, batched_inputs):
+    """Normalise and pad a batch as the detector does: an ImageList on the model's device."""
+    from detectron2.structures import ImageList
+
+    if hasattr(model, "preprocess_image"):  # GeneralizedRCNN and relatives
+        return model.preprocess_image(batched_inputs)
+    device = torch.device(cfg.MODEL.DEVICE)
+    mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, device=device).view(-1, 1, 1)
+    std = torch.tensor(cfg.MODEL.PIXEL_STD, device=device).view(-1, 1, 1)
+    images = [(x["image"].to(device) - mean) / std for x in batched_inputs]  # (C, H, W) each
+    return ImageList.from_tensors(
+        images, model.backbone.size_divisibility, padding_constraints=model.backbone.padding_constraints
+    )
+
+
+@torch.no_grad()
+def generate_proposals(cfg, model, dataset_name: str, topk: int) -> list[dict]:
+    """Top-k RPN proposals per image of the dataset, in original image pixels (detection results)."""
+    from detectron2.data import build_detection_test_loader
+    from detectron2.modeling.postprocessing import detector_postprocess
+    from tqdm import tqdm
+
+    if getattr(model, "proposal_generator", None) is None or not hasattr(model, "backbone"):
+        raise ValueError(
+            f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} has no backbone + proposal_generator "
+            "(RPN): make_proposals needs an R-CNN style model"
+        )
+    loader = build_detection_test_loader(cfg, dataset_name)
+    results = []
+    for batched_inputs in tqdm(loader, desc=f"proposals {dataset_name}", unit="img", file=sys.stderr):
+        images = _preprocess(model, cfg, batched_inputs)
+        features = model.backbone(images.tensor)
+        proposals, _ = model.proposal_generator(images, features, None)  # eval: no losses
+        for inp, props in zip(batched_inputs, proposals):
+            # Rescale from the resized input to the original image; clips and drops empty boxes.
+            props = detector_postprocess(props, inp.get("height", props.image_size[0]),
+                                         inp.get("width", props.image_size[1]))
+            logits = props.objectness_logits  # (R,)
+            order = torch.argsort(logits, descending=True)[:topk]
+            boxes = props.proposal_boxes.tensor[order].cpu()  # (k, 4) XYXY, original pixels
+            scores = torch.sigmoid(logits[order]).cpu()  # (k,)
+            for (x0, y0, x1, y1), s in zip(boxes.tolist(), scores.tolist()):
+                results.append({
+                    "image_id": inp["image_id"],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": s,
+                    "category_id": 1,  # class-agnostic: one "object" category
+                })
+    return results
+
+
+def _write_atomic(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)  # readers never see a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None) -> dict:
+    """Run the command; returns the summary {"images", "boxes", "mean_boxes_per_image", ...}."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+    from detectron2.utils.logger import setup_logger
+
+    import drcl_d2.modeling  # noqa: F401  (registers drcl_d2's meta-architectures)
+
+    args = parse_args(argv)
+    setup_logger(name="drcl_d2")
+    cfg = setup_cfg(args.config_file, args.opts)
+    if args.dataset not in DatasetCatalog.list():
+        raise ValueError(f"dataset {args.dataset!r} is not registered (DATASETS.LVIS_CUSTOM names it?)")
+    num_images = len(DatasetCatalog.get(args.dataset))
+
+    model = build_model(cfg)
+    if not cfg.MODEL.WEIGHTS:
+        logger.warning("MODEL.WEIGHTS is empty: proposals come from an untrained RPN")
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+
+    start = time.perf_counter()
+    results = generate_proposals(cfg, model, args.dataset, args.topk)
+    elapsed = time.perf_counter() - start
+    _write_atomic(args.output, results)
+
+    with_boxes = len({r["image_id"] for r in results})
+    summary = {
+        "images": num_images,
+        "images_with_boxes": with_boxes,
+        "boxes": len(results),
+        "mean_boxes_per_image": len(results) / max(num_images, 1),
+        "seconds": elapsed,
+        "output": args.output,
+    }
+    print(
+        f"make_proposals: {summary['images']} images ({with_boxes} with boxes), {summary['boxes']} boxes, "
+        f"{summary['mean_boxes_per_image']:.1f} per image, {elapsed:.1f} s -> {args.output}"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    main()
