@@ -85,4 +85,7 @@ def build_pretrain_loader(dataset_dicts: list[dict], sampler, mapper: Callable, 
     return build_batch_data_loader(
         dataset, PositionTaggedSampler(sampler), total_batch_size,
         aspect_ratio_grouping=False, num_workers=num_workers,
+        # The loader's own generator: creating its iterator then draws nothing from the global
+        # RNG, which the trainer seeds per step (a resumed run creates it at another step).
+        seed=seed % (2**63),
     )

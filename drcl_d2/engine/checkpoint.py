@@ -47,7 +47,12 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
     fvcore writes the file in place, so a crash mid-write leaves a truncated checkpoint that
     `--resume` then fails to load. Here the previous checkpoint stays intact until the new one
     is complete, and `last_checkpoint` only ever names a complete file.
+
+    `extra_state` (a dict) is written into every checkpoint at the top level, e.g. the
+    ``"drcl_d2": {"method", "depth"}`` record by which drcl-convert recognises a pretraining run.
     """
+
+    extra_state: dict | None = None
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -55,6 +60,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        data.update(self.extra_state or {})
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)

@@ -252,7 +252,7 @@ class DetCo(nn.Module):
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) -> float, (x - mean) / std."""
-        return (images.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
+        return (images.to(torch.float32) - self.pixel_mean) / self.pixel_std
 
     def _global_embeddings(self, encoder, heads, images: torch.Tensor) -> dict:
         """images (N, 3, H, W) -> {level: L2-normalised (N, 128)}: pool, head, normalise."""
@@ -287,23 +287,27 @@ class DetCo(nn.Module):
         if not self.training:
             raise RuntimeError("DetCo is a pretraining model without inference: convert its checkpoint "
                                "with drcl-convert and fine-tune a detector")
-        view_q = self._normalize(torch.stack([x["view_q"] for x in batched_inputs]))  # (N, 3, S, S)
-        view_k = self._normalize(torch.stack([x["view_k"] for x in batched_inputs]))  # (N, 3, S, S)
+
+        def stack(key):  # uint8 on the model's device; key inputs cross ranks as uint8 (Shuffle BN)
+            return torch.stack([x[key] for x in batched_inputs]).to(self.device)
+
+        view_q, view_k = stack("view_q"), stack("view_k")  # (N, 3, S, S) each
         patches_q = patches_k = None
         if self.local:
-            patches_q = self._normalize(torch.stack([x["patches_q"] for x in batched_inputs]))  # (N, 9, 3, P, P)
-            patches_k = self._normalize(torch.stack([x["patches_k"] for x in batched_inputs]))  # (N, 9, 3, P, P)
+            patches_q, patches_k = stack("patches_q"), stack("patches_k")  # (N, 9, 3, P, P) each
 
         # Queries: {level: (N, 128)}.
-        q_global = self._global_embeddings(self.encoder_q, self.global_heads_q, view_q)
-        q_local = self._local_embeddings(self.encoder_q, self.local_heads_q, patches_q) if self.local else {}
+        q_global = self._global_embeddings(self.encoder_q, self.global_heads_q, self._normalize(view_q))
+        q_local = (self._local_embeddings(self.encoder_q, self.local_heads_q, self._normalize(patches_q))
+                   if self.local else {})
 
         # Keys: momentum update first, then the key encoder on the rank-shuffled batch.
         with torch.no_grad():
             self._momentum_update_key_encoder()
             view_k, patches_k, idx_unshuffle = self._batch_shuffle_ddp(view_k, patches_k)
-            k_global = self._global_embeddings(self.encoder_k, self.global_heads_k, view_k)  # {level: (N, 128)}
-            k_local = self._local_embeddings(self.encoder_k, self.local_heads_k, patches_k) if self.local else {}
+            k_global = self._global_embeddings(self.encoder_k, self.global_heads_k, self._normalize(view_k))
+            k_local = (self._local_embeddings(self.encoder_k, self.local_heads_k, self._normalize(patches_k))
+                       if self.local else {})  # {level: (N, 128)} each, in shuffled order
             k_global = {lvl: self._batch_unshuffle_ddp(k, idx_unshuffle) for lvl, k in k_global.items()}
             k_local = {lvl: self._batch_unshuffle_ddp(k, idx_unshuffle) for lvl, k in k_local.items()}
 

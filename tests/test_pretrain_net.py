@@ -1,0 +1,110 @@
+"""pretrain_net.py (2DRCL) end to end on the tiny embedded dataset: checkpoint, crash, exact resume."""
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+from detectron2.engine import HookBase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import pretrain_net  # noqa: E402
+
+from drcl_d2.engine.pretrain import PretrainTrainer  # noqa: E402
+from drcl_d2.engine.trainer import setup  # noqa: E402
+
+CONFIG = os.path.join(ROOT, "configs", "embedded", "drcl_R_18_FPN_embedded.yaml")
+
+
+def _args(ds, out, resume=False, **over):
+    opts = {
+        "DATASETS.LVIS_CUSTOM": repr([["tiny_pre_train", ds["train_json"], ds["image_root"]]]),
+        "DATASETS.TRAIN": "('tiny_pre_train',)", "MODEL.ROI_HEADS.NUM_CLASSES": "12",
+        "INPUT.MIN_SIZE_TRAIN": "(96, 128)", "INPUT.MAX_SIZE_TRAIN": "160",
+        "MODEL.FPN.OUT_CHANNELS": "64", "MODEL.ROI_BOX_HEAD.FC_DIM": "128",
+        "MODEL.DRCL.HCL_QUEUE_SIZE": "16", "MODEL.DRCL.LCL_QUEUE_SIZE": "64", "MODEL.DRCL.DECODER_DIM": "16",
+        "SOLVER.IMS_PER_BATCH": "2", "SOLVER.MAX_ITER": "4", "SOLVER.STEPS": "(3,)", "SOLVER.WARMUP_ITERS": "1",
+        "SOLVER.CHECKPOINT_PERIOD": "2", "DATALOADER.NUM_WORKERS": "0", "DATALOADER.DRB.PERIOD": "1",
+        "SEED": "11", "PRETRAIN.LOG_PERIOD": "1", "OUTPUT_DIR": str(out), "MODEL.DEVICE": "cpu",
+    }
+    opts.update({k: str(v) for k, v in over.items()})
+    return argparse.Namespace(config_file=CONFIG, opts=[x for kv in opts.items() for x in kv], resume=resume,
+                              eval_only=False, num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto")
+
+
+class _Crash(HookBase):
+    def __init__(self, at):
+        self.at = at
+
+    def after_step(self):
+        if self.trainer.iter == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def _alphas(trainer):
+    return {it: v for v, it in trainer.storage.history("drb/alpha").values()}
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre_straight")
+    cfg = setup(_args(tiny_dataset, out))
+    trainer = PretrainTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return {"out": out, "alphas": _alphas(trainer)}
+
+
+def test_pretrain_writes_full_checkpoints(straight):
+    out = straight["out"]
+    assert (out / "model_0000001.pth").exists() and (out / "model_final.pth").exists()
+    ckpt = torch.load(out / "model_final.pth", weights_only=False)
+    assert ckpt["drcl_d2"] == {"method": "drcl", "depth": 18}
+    assert ckpt["iteration"] == 3
+    model = ckpt["model"]
+    for key in ("backbone.bottom_up.stem.conv1.weight", "target.backbone.bottom_up.stem.conv1.weight",
+                "proposal_generator.rpn_head.conv.weight", "roi_heads.box_head.fc1.weight",
+                "queue_hcl.keys", "queue_hcl.ptr", "queue_lcl.keys", "decoder.predict.weight"):
+        assert key in model, key
+    assert int(model["queue_hcl.ptr"]) == (4 * 2 * 2) % 16  # 4 iterations x 2 images x 2 views
+    state = ckpt["trainer"]  # DefaultTrainer's state: optimizer, scheduler (LRScheduler hook), sampler
+    assert "optimizer" in state["_trainer"] and "LRScheduler" in state["hooks"]
+    assert state["hooks"]["RebalanceHook"]["next_position"] == 8
+    # The target moved with the online network but is not equal to it (EMA).
+    assert not torch.equal(model["backbone.fpn_output2.weight"], model["target.backbone.fpn_output2.weight"])
+    assert straight["alphas"] == {0: 0.0, 1: 0.25, 2: 0.5, 3: 0.75}
+
+
+def test_resume_equals_the_uninterrupted_run(straight, tiny_dataset, tmp_path):
+    cfg = setup(_args(tiny_dataset, tmp_path))
+    trainer = PretrainTrainer(cfg)
+    trainer.register_hooks([_Crash(at=2)])
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+
+    cfg = setup(_args(tiny_dataset, tmp_path, resume=True))
+    resumed = PretrainTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    resumed.train()
+    assert _alphas(resumed) == {2: 0.5, 3: 0.75}
+
+    a = torch.load(straight["out"] / "model_final.pth", weights_only=False)
+    b = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:  # online and target weights, queues and pointers: bit for bit
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    opt_a, opt_b = (c["trainer"]["_trainer"]["optimizer"]["state"] for c in (a, b))
+    assert len(opt_a) == len(opt_b) > 0
+    for sa, sb in zip(opt_a.values(), opt_b.values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["trainer"]["hooks"]["LRScheduler"] == b["trainer"]["hooks"]["LRScheduler"]
+
+
+def test_pretrain_net_main_runs_from_the_command_line_entry(tiny_dataset, tmp_path):
+    pretrain_net.main(_args(tiny_dataset, tmp_path, **{"SOLVER.MAX_ITER": 2, "MODEL.DRCL.SR_WEIGHT": 0.0}))
+    ckpt = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    assert ckpt["iteration"] == 1 and ckpt["drcl_d2"]["method"] == "drcl"
