@@ -4,6 +4,7 @@ Importing the package registers its samplers, meta-architectures and dataset hel
 detectron2's registries, as detectron2 projects do.
 """
 from . import compat  # noqa: F401  (NumPy 2 fix for lvis 0.5.3 must come before lvis is used)
+from . import modeling  # noqa: F401  (registers the pretraining meta-architectures)
 from .config import add_drcl_config
 
 __all__ = ["add_drcl_config"]

@@ -108,3 +108,40 @@ def test_pretrain_net_main_runs_from_the_command_line_entry(tiny_dataset, tmp_pa
     pretrain_net.main(_args(tiny_dataset, tmp_path, **{"SOLVER.MAX_ITER": 2, "MODEL.DRCL.SR_WEIGHT": 0.0}))
     ckpt = torch.load(tmp_path / "model_final.pth", weights_only=False)
     assert ckpt["iteration"] == 1 and ckpt["drcl_d2"]["method"] == "drcl"
+
+
+def test_converted_checkpoint_transfers_fpn_rpn_box_head_and_fine_tuning_starts_from_it(straight, tiny_dataset, tmp_path):
+    """pretrain -> drcl-convert -> train_net: the detector starts from the pretrained modules."""
+    import pickle
+
+    from drcl_d2.checkpoint.convert import main as convert_main
+    from drcl_d2.engine import Trainer
+
+    src = torch.load(straight["out"] / "model_final.pth", weights_only=False)["model"]
+    out = tmp_path / "drcl_converted.pkl"
+    finetune_cfg = os.path.join(ROOT, "configs", "embedded", "mask_rcnn_R_18_FPN_drb.yaml")
+    size_opts = ["MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "128", "MODEL.ROI_HEADS.NUM_CLASSES", "12"]
+    assert convert_main([str(straight["out"] / "model_final.pth"), str(out), "--target-config", finetune_cfg,
+                         "--opts"] + size_opts) in (0, None)
+    converted = pickle.load(open(out, "rb"))["model"]
+    for name in ("backbone.fpn_lateral3.weight", "backbone.fpn_output5.bias",
+                 "proposal_generator.rpn_head.objectness_logits.weight", "roi_heads.box_head.fc2.weight"):
+        assert (converted[name] == src[name].numpy()).all(), name
+    assert not any(k.startswith(("target.", "queue_", "hcl_", "lcl_", "decoder.")) for k in converted)
+
+    args = argparse.Namespace(config_file=finetune_cfg, resume=False, eval_only=False, num_gpus=1, num_machines=1,
+                              machine_rank=0, dist_url="auto", opts=size_opts + [
+                                  "MODEL.WEIGHTS", str(out), "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "ft"),
+                                  "DATASETS.LVIS_CUSTOM", repr([["tiny_ft_train", tiny_dataset["train_json"],
+                                                                 tiny_dataset["image_root"]]]),
+                                  "DATASETS.TRAIN", "('tiny_ft_train',)", "DATASETS.TEST", "()",
+                                  "INPUT.MIN_SIZE_TRAIN", "(128,)", "SOLVER.IMS_PER_BATCH", "2",
+                                  "SOLVER.MAX_ITER", "1", "DATALOADER.NUM_WORKERS", "0"])
+    trainer = Trainer(setup(args))
+    trainer.resume_or_load(resume=False)
+    model = trainer.model
+    assert torch.equal(model.backbone.fpn_output5.bias, src["backbone.fpn_output5.bias"])
+    assert torch.equal(model.backbone.bottom_up.res4[0].conv1.weight, src["backbone.bottom_up.res4.0.conv1.weight"])
+    assert torch.equal(model.roi_heads.box_head.fc1.weight, src["roi_heads.box_head.fc1.weight"])
+    trainer.train()  # one fine-tuning step from the pretrained weights
+    assert not torch.equal(model.roi_heads.box_head.fc1.weight, src["roi_heads.box_head.fc1.weight"])

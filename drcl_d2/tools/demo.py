@@ -1,10 +1,14 @@
 """`make demo`: the main job end to end on the embedded long-tailed dataset (CPU, no downloads).
 
-    python -m drcl_d2.tools.demo [--data datasets/embedded_small] [--output output/demo] [--iters N]
+    python -m drcl_d2.tools.demo [--data datasets/embedded_small] [--output output/demo]
+                                 [--pretrain-iters N] [--iters N] [--no-pretrain]
 
-Steps: generate (or reuse) the embedded LVIS-format dataset -> fine-tune Mask R-CNN with Dynamic
-Rebalancing through train_net.py -> LVIS evaluation -> print AP / APr / APc / APf (bbox, segm).
-Each step is the command a user would type; they are printed before they run.
+Steps, each the command a user would type (printed before it runs):
+1. generate (or reuse) the embedded LVIS-format long-tailed dataset;
+2. 2DRCL pretraining of the whole detector with Dynamic Rebalancing (pretrain_net.py);
+3. drcl-convert: pretraining checkpoint -> detectron2 Mask R-CNN weights;
+4. fine-tuning with Dynamic Rebalancing and LVIS evaluation (train_net.py);
+5. the AP / APr / APc / APf table (bbox, segm), also written to OUTPUT/results.json.
 """
 from __future__ import annotations
 
@@ -49,6 +53,14 @@ def format_results_table(results: dict) -> str:
     return tabulate(rows, headers=["task"] + list(METRICS), tablefmt="github")
 
 
+def _schedule(iters: int | None) -> list[str]:
+    """Config overrides for a shorter run (tests): MAX_ITER, one LR step, warmup, final checkpoint."""
+    if iters is None:
+        return []
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, int(iters * 0.75))},)",
+            "SOLVER.WARMUP_ITERS", str(min(20, iters)), "SOLVER.CHECKPOINT_PERIOD", str(iters)]
+
+
 def run(cmd: list[str]) -> None:
     print("\n$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -60,7 +72,10 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="small", help="embedded dataset size (tiny|small|medium)")
     parser.add_argument("--output", default="output/demo", help="everything the demo writes goes here")
     parser.add_argument("--config", default="configs/embedded/mask_rcnn_R_18_FPN_drb.yaml")
-    parser.add_argument("--iters", type=int, default=None, help="override SOLVER.MAX_ITER (tests use a few)")
+    parser.add_argument("--pretrain-config", default="configs/embedded/drcl_R_18_FPN_embedded.yaml")
+    parser.add_argument("--no-pretrain", action="store_true", help="fine-tune from scratch (no 2DRCL stage)")
+    parser.add_argument("--pretrain-iters", type=int, default=None, help="override the pretraining SOLVER.MAX_ITER")
+    parser.add_argument("--iters", type=int, default=None, help="override the fine-tuning SOLVER.MAX_ITER")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="extra config overrides for train_net.py")
     args = parser.parse_args(argv)
     start = time.time()
@@ -72,13 +87,20 @@ def main(argv=None) -> int:
                 ["embedded_val", f"{data}/lvis_v1_val.json", data]]
     from drcl_d2.data.synthetic import PRESETS
 
-    opts = ["OUTPUT_DIR", os.path.join(args.output, "finetune"), "DATASETS.LVIS_CUSTOM", repr(datasets),
-            "MODEL.ROI_HEADS.NUM_CLASSES", str(PRESETS[args.preset]["num_categories"])]
-    if args.iters is not None:
-        steps = f"({int(args.iters * 0.75)},)"
-        opts += ["SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", steps,
-                 "SOLVER.WARMUP_ITERS", str(min(50, args.iters)), "SOLVER.CHECKPOINT_PERIOD", str(args.iters)]
-    run([py, "train_net.py", "--config-file", args.config] + opts + list(args.opts or []))
+    common = ["DATASETS.LVIS_CUSTOM", repr(datasets),
+              "MODEL.ROI_HEADS.NUM_CLASSES", str(PRESETS[args.preset]["num_categories"])]
+    extra = list(args.opts or [])
+    weights = []
+    if not args.no_pretrain:
+        pre_out = os.path.join(args.output, "pretrain")
+        run([py, "pretrain_net.py", "--config-file", args.pretrain_config, "OUTPUT_DIR", pre_out]
+            + common + _schedule(args.pretrain_iters) + extra)
+        converted = os.path.join(args.output, "drcl_converted.pkl")
+        run([py, "-m", "drcl_d2.checkpoint", os.path.join(pre_out, "model_final.pth"), converted,
+             "--target-config", args.config, "--opts"] + common + extra)
+        weights = ["MODEL.WEIGHTS", converted]
+    run([py, "train_net.py", "--config-file", args.config, "OUTPUT_DIR", os.path.join(args.output, "finetune")]
+        + common + weights + _schedule(args.iters) + extra)
 
     results = read_final_metrics(os.path.join(ROOT, args.output, "finetune", "metrics.json"))
     with open(os.path.join(ROOT, args.output, "results.json"), "w") as f:
