@@ -167,6 +167,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--amp", action="store_true", help="also measure with autocast fp16 (GPU)")
     parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument("--kinds", default="maskrcnn,drcl,moco,detco",
+                        help="which models to time (the ratios need their pairs)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--off", default=None, help=argparse.SUPPRESS)
@@ -191,32 +193,39 @@ def main():
 
     common = ["--device", args.device, "--batch", str(args.batch), "--height", str(h), "--width", str(w),
               "--iters", str(iters), "--warmup", str(warmup)]
+    kinds = args.kinds.split(",")
     rows = {}
     for amp in ([False, True] if args.amp else [False]):
         tag = "amp" if amp else "fp32"
-        for kind in ("maskrcnn", "drcl", "moco", "detco"):
+        for kind in kinds:
             rows[f"{kind}_{tag}"] = run_child(common + ["--kind", kind] + (["--amp-on"] if amp else []))
             print(kind, tag, f"{rows[f'{kind}_{tag}']['seconds_per_iter']:.3f} s/iter", flush=True)
     breakdown = {}
-    if not args.no_breakdown:
+    if not args.no_breakdown and "drcl" in kinds:
         full = rows["drcl_fp32"]["seconds_per_iter"]
         for term in TERMS:
             t = run_child(common + ["--kind", "drcl", "--off", term])["seconds_per_iter"]
             breakdown[term] = {"seconds_without": t, "seconds_of_term": full - t, "share": (full - t) / full}
             print(f"without {term}: {t:.3f} s", flush=True)
     flops = {}
-    for kind in ("maskrcnn", "drcl", "moco", "detco"):
+    for kind in kinds:
         flops[kind] = run_child(["--batch", str(args.batch), "--height", str(h), "--width", str(w),
                                  "--kind", kind, "--flops"])
-    ratio = rows["drcl_fp32"]["seconds_per_iter"] / rows["maskrcnn_fp32"]["seconds_per_iter"]
-    detco_ratio = rows["detco_fp32"]["seconds_per_iter"] / rows["moco_fp32"]["seconds_per_iter"]
+    def time_ratio(a, b):
+        return rows[f"{a}_fp32"]["seconds_per_iter"] / rows[f"{b}_fp32"]["seconds_per_iter"] \
+            if f"{a}_fp32" in rows and f"{b}_fp32" in rows else float("nan")
+
+    def flop_ratio(a, b):
+        return flops[a]["forward_backward"] / flops[b]["forward_backward"] if a in flops and b in flops else float("nan")
+
+    ratio, detco_ratio = time_ratio("drcl", "maskrcnn"), time_ratio("detco", "moco")
     result = {"device": args.device, "batch": args.batch, "height": h, "width": w, "iters": iters,
               "warmup": warmup, "rows": rows, "ratio_drcl_over_maskrcnn": ratio, "goal": GOAL,
               "goal_met": ratio <= GOAL, "ratio_detco_over_moco": detco_ratio, "goal_detco": DETCO_GOAL,
               "goal_detco_met": detco_ratio <= DETCO_GOAL, "breakdown": breakdown, "forward_gflops": flops, "env": environment()}
     name = "pretrain_step_" + ("gpu" if gpu else "cpu")
-    if args.batch != 2 or args.height or args.width:
-        name += f"_b{args.batch}_{h}x{w}"
+    if args.batch != 2 or args.height or args.width or args.kinds != parser.get_default("kinds"):
+        name += f"_b{args.batch}_{h}x{w}_" + "_".join(kinds)
     write_result(name, result)
 
     env = result["env"]
@@ -234,12 +243,12 @@ def main():
                      f"{row['peak_memory_mib']:.0f} | {f['forward']:.0f} / {f['forward_backward']:.0f} |")
     lines += ["", f"**2DRCL / Mask R-CNN (fp32): {ratio:.2f}×** in time (goal ≤ {GOAL:.1f}×: "
               f"{'met' if ratio <= GOAL else 'missed'}), "
-              f"{flops['drcl']['forward_backward'] / flops['maskrcnn']['forward_backward']:.2f}× in FLOPs. "
+              f"{flop_ratio('drcl', 'maskrcnn'):.2f}× in FLOPs. "
               f"**DetCo / MoCo v2 (fp32): {detco_ratio:.2f}×** in time (goal ≤ {DETCO_GOAL:.1f}×: "
               f"{'met' if detco_ratio <= DETCO_GOAL else 'missed'}), "
-              f"{flops['detco']['forward_backward'] / flops['moco']['forward_backward']:.2f}× in FLOPs. "
+              f"{flop_ratio('detco', 'moco'):.2f}× in FLOPs. "
               f"MoCo v2 / DetCo rows use their own 224-px inputs (batch {args.batch}). Peak memory is "
-              f"{rows['drcl_fp32']['peak_memory_kind']}; FLOPs from torch's FlopCounterMode (multiply-add = 2)."]
+              f"{next(iter(rows.values()))['peak_memory_kind']}; FLOPs from torch's FlopCounterMode (multiply-add = 2)."]
     if breakdown:
         lines += ["", "| 2DRCL term | s / iter it costs | share of the iteration |", "|---|---|---|"]
         for term, b in breakdown.items():
