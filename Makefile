@@ -3,7 +3,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= datasets/embedded_small
 OUT ?= output/demo
-# Each test file is a pytest worker-free run; -x stops at the first failure to save CI time.
 PYTEST_ARGS ?= -q
 
 .PHONY: setup demo test bench clean
@@ -19,8 +18,11 @@ demo: setup
 test: setup
 	OMP_NUM_THREADS=2 $(PY) -m pytest $(PYTEST_ARGS) tests
 
+# Regenerates the CPU tables of BENCHMARKS.md (GPU rows: benchmarks/bench_pretrain_step.py --device cuda --amp).
 bench: setup
 	$(PY) benchmarks/bench_rebalance.py
+	$(PY) benchmarks/bench_mappers.py
+	$(PY) benchmarks/bench_pretrain_step.py
 
 clean:
 	rm -rf output datasets/embedded_* .pytest_cache

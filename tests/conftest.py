@@ -1,12 +1,7 @@
 """Shared fixtures: a tiny embedded LVIS-format dataset made once per session."""
-import os
-
 import pytest
 
 import drcl_d2  # noqa: F401  (registers the NumPy-2 fix for lvis before any test uses it)
-
-# Small thread counts keep the 2-core CI machine responsive when tests spawn processes.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

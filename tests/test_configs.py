@@ -47,5 +47,5 @@ def test_config_builds_its_model(path):
         assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0001 and cfg.TEST.DETECTIONS_PER_IMAGE == 300
         assert cfg.DATALOADER.REPEAT_THRESHOLD == 0.001 and cfg.SOLVER.MAX_ITER == 180000
         assert cfg.INPUT.FORMAT == "RGB" and not cfg.MODEL.RESNETS.STRIDE_IN_1X1
-        expected = "DynamicRepeatFactorTrainingSampler" if path.endswith("_drb.yaml") else "RepeatFactorTrainingSampler"
+        expected = "DynamicRepeatFactorTrainingSampler" if "_drb" in path else "RepeatFactorTrainingSampler"
         assert cfg.DATALOADER.SAMPLER_TRAIN == expected

@@ -145,3 +145,27 @@ def test_converted_checkpoint_transfers_fpn_rpn_box_head_and_fine_tuning_starts_
     assert torch.equal(model.roi_heads.box_head.fc1.weight, src["roi_heads.box_head.fc1.weight"])
     trainer.train()  # one fine-tuning step from the pretrained weights
     assert not torch.equal(model.roi_heads.box_head.fc1.weight, src["roi_heads.box_head.fc1.weight"])
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tiny_dataset, tmp_path):
+    """A non-finite loss stops training with an error before the optimizer step: weights and target keep their
+    last good values, nothing non-finite is stored, the last checkpoint is intact."""
+
+    class PoisonAR(HookBase):
+        def before_step(self):
+            if self.trainer.iter == 1:
+                self.trainer.model.loss_weights["ar"] = float("inf")  # loss_ar becomes inf
+
+    cfg = setup(_args(tiny_dataset, tmp_path, **{"SOLVER.CHECKPOINT_PERIOD": 1}))
+    trainer = PretrainTrainer(cfg)
+    trainer.register_hooks([PoisonAR()])
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(FloatingPointError, match="iteration=1"):
+        trainer.train()
+    model = trainer.model
+    good = torch.load(tmp_path / "model_0000000.pth", weights_only=False)["model"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+    state = model.state_dict()
+    for key in ("backbone.fpn_output2.weight", "target.backbone.fpn_output2.weight", "roi_heads.box_head.fc1.weight"):
+        assert torch.equal(state[key], good[key]), key
+    assert all(torch.isfinite(v).all() for k, v in state.items() if v.is_floating_point())

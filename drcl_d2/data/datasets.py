@@ -34,14 +34,19 @@ __all__ = ["register_lvis_format", "register_datasets_from_config", "load_lvis_f
 _MAX_NAMED = 5  # how many offending ids an error or warning lists
 
 
-def _read_json(json_file: str) -> dict:
+def read_json_file(json_file: str, what: str = "LVIS json"):
+    """json.load with errors that name the file (missing, unreadable, not JSON)."""
     if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"LVIS json not found: {json_file}")
+        raise FileNotFoundError(f"{what} not found: {json_file}")
     try:
         with open(json_file) as f:
-            data = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{json_file} is not valid JSON: {e}") from e
+        raise ValueError(f"{what} {json_file} is not valid JSON: {e}") from e
+
+
+def _read_json(json_file: str) -> dict:
+    data = read_json_file(json_file)
     if not isinstance(data, dict):
         raise ValueError(f"{json_file}: expected a JSON object, found {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -86,7 +91,8 @@ def _valid_segmentation(segm) -> bool:
     )
 
 
-def _name_some(items: Iterable) -> str:
+def name_some(items: Iterable) -> str:
+    """The first few items, comma-separated, and how many more there are."""
     items = list(items)
     more = f" (and {len(items) - _MAX_NAMED} more)" if len(items) > _MAX_NAMED else ""
     return ", ".join(str(i) for i in items[:_MAX_NAMED]) + more
@@ -140,12 +146,12 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
     if bad_boxes:
         logger.warning(
             f"{json_file}: skipped {len(bad_boxes)} annotation(s) with a degenerate box "
-            f"(non-finite, or width/height <= 0): {_name_some(bad_boxes)}"
+            f"(non-finite, or width/height <= 0): {name_some(bad_boxes)}"
         )
     if bad_segms:
         logger.warning(
             f"{json_file}: skipped {len(bad_segms)} annotation(s) with an invalid polygon "
-            f"(< 3 points or odd length): {_name_some(bad_segms)}"
+            f"(< 3 points or odd length): {name_some(bad_segms)}"
         )
 
     dataset_dicts, missing = [], []
@@ -166,7 +172,7 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
     if missing:
         raise FileNotFoundError(
             f"{json_file}: {len(missing)} of {len(images)} image files are missing under "
-            f"{image_root}: {_name_some(missing)}"
+            f"{image_root}: {name_some(missing)}"
         )
     logger.info(f"Loaded {len(dataset_dicts)} images in LVIS format from {json_file}")
     return dataset_dicts
@@ -180,7 +186,7 @@ def check_lvis_frequencies(json_file: str, categories: list[dict] | None = None)
     if bad:
         raise ValueError(
             f"{json_file}: {len(bad)} categories lack a 'frequency' of 'r', 'c' or 'f', which LVIS "
-            f"evaluation needs (APr/APc/APf): {_name_some(bad)}. Add it (rare: 1-10 training images, "
+            f"evaluation needs (APr/APc/APf): {name_some(bad)}. Add it (rare: 1-10 training images, "
             "common: 11-100, frequent: >100) or evaluate with COCOEvaluator."
         )
 

@@ -22,35 +22,23 @@ Behaviour on imperfect input (each case counted in the returned stats):
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from typing import Iterable
 
 import numpy as np
+
+from .datasets import name_some, read_json_file
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_proposals", "check_proposals_against_images", "load_proposals_from_config"]
 
-_MAX_NAMED = 5  # how many offending items a warning lists
 MIN_SIDE = 1.0  # boxes narrower or shorter than this (pixels) are degenerate
 
 
-def _name_some(items: list) -> str:
-    more = f" (and {len(items) - _MAX_NAMED} more)" if len(items) > _MAX_NAMED else ""
-    return ", ".join(str(i) for i in items[:_MAX_NAMED]) + more
-
-
 def _entries(json_file: str) -> list:
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"proposals file not found: {json_file}")
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"proposals file {json_file} is not valid JSON: {e}") from e
+    data = read_json_file(json_file, "proposals file")
     if isinstance(data, dict):
         if not isinstance(data.get("annotations"), list):
             raise ValueError(
@@ -121,17 +109,17 @@ def load_proposals(json_file: str, image_ids: Iterable[int] | None) -> tuple[dic
     if non_finite:
         logger.warning(
             f"{json_file}: dropped {len(non_finite)} non-finite proposal box(es) "
-            f"(image id, box): {_name_some(non_finite)}"
+            f"(image id, box): {name_some(non_finite)}"
         )
     if degenerate:
         logger.warning(
             f"{json_file}: dropped {len(degenerate)} degenerate proposal box(es) (width or height "
-            f"< {MIN_SIDE:g} px) (image id, box): {_name_some(degenerate)}"
+            f"< {MIN_SIDE:g} px) (image id, box): {name_some(degenerate)}"
         )
     if unknown_entries:
         logger.info(
             f"{json_file}: ignored {unknown_entries} proposal(s) of {len(unknown_ids)} image id(s) "
-            f"not in the dataset: {_name_some(sorted(unknown_ids, key=str))}"
+            f"not in the dataset: {name_some(sorted(unknown_ids, key=str))}"
         )
     proposals = {
         image_id: np.asarray([b for _, _, b in sorted(rows)], dtype=np.float32).reshape(-1, 4)
@@ -194,12 +182,12 @@ def check_proposals_against_images(proposals: dict[int, np.ndarray], dataset_dic
     if degenerate:
         logger.warning(
             f"dropped {len(degenerate)} proposal box(es) with width or height < {MIN_SIDE:g} px after "
-            f"clipping to the image (image id, box): {_name_some(degenerate)}"
+            f"clipping to the image (image id, box): {name_some(degenerate)}"
         )
     if missing:
         logger.warning(
             f"{len(missing)} of {len(dataset_dicts)} images have no proposals and are left out of "
-            f"pretraining: image ids {_name_some(missing)}"
+            f"pretraining: image ids {name_some(missing)}"
         )
     if not kept:
         raise ValueError(
