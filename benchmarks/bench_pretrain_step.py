@@ -256,7 +256,7 @@ def main():
         spread = statistics.pstdev(rows["drcl_fp32"]["all_seconds"])
         lines.append(f"\nA term's cost is the full iteration minus the iteration with that term off; the "
                      f"timed iterations of the full run spread by ±{spread:.3f} s (std), so smaller or "
-                     "negative differences are noise (a launch-bound GPU at batch 2 shows this).")
+                     "negative differences are noise" + (" (a launch-bound GPU at batch 2 shows this)." if gpu else "."))
     table = "\n".join(lines)
     update_benchmarks_md(name, table)
     print(table)
