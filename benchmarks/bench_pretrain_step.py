@@ -167,6 +167,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--amp", action="store_true", help="also measure with autocast fp16 (GPU)")
     parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument("--no-flops", action="store_true")
     parser.add_argument("--kinds", default="maskrcnn,drcl,moco,detco",
                         help="which models to time (the ratios need their pairs)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -208,7 +209,7 @@ def main():
             breakdown[term] = {"seconds_without": t, "seconds_of_term": full - t, "share": (full - t) / full}
             print(f"without {term}: {t:.3f} s", flush=True)
     flops = {}
-    for kind in kinds:
+    for kind in ([] if args.no_flops else kinds):
         flops[kind] = run_child(["--batch", str(args.batch), "--height", str(h), "--width", str(w),
                                  "--kind", kind, "--flops"])
     def time_ratio(a, b):
@@ -238,9 +239,10 @@ def main():
     lines[-1] = "|---|---|---|---|---|---|"
     for key, row in rows.items():
         kind, tag = key.split("_")
-        f = flops[kind]
+        f = flops.get(kind)
+        f_text = f"{f['forward']:.0f} / {f['forward_backward']:.0f}" if f else "—"
         lines.append(f"| {LABELS[kind]} | {tag} | {row['seconds_per_iter']:.3f} | {row['images_per_second']:.2f} | "
-                     f"{row['peak_memory_mib']:.0f} | {f['forward']:.0f} / {f['forward_backward']:.0f} |")
+                     f"{row['peak_memory_mib']:.0f} | {f_text} |")
     lines += ["", f"**2DRCL / Mask R-CNN (fp32): {ratio:.2f}×** in time (goal ≤ {GOAL:.1f}×: "
               f"{'met' if ratio <= GOAL else 'missed'}), "
               f"{flop_ratio('drcl', 'maskrcnn'):.2f}× in FLOPs. "

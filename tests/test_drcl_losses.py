@@ -153,3 +153,13 @@ def test_appearance_loss_is_zero_for_a_perfect_reconstruction_and_sr_mask_ratio(
     # 3x4 grid of 32-px patches, ratio 0.5 -> 6 of 12 masked per image
     assert (mask[:, 0, ::32, ::32] == 0).sum(dim=(1, 2)).tolist() == [6, 6]
     assert not torch.equal(mask[0], mask[1])
+
+
+def test_one_image_with_one_box_per_gpu_trains():
+    """Both views share the MLPs' BatchNorm batch, so 1 image (and 1 box) per GPU works."""
+    model = build_small_drcl()
+    x = synthetic_inputs(1)[0]
+    x["boxes_v1"], x["boxes_v2"] = x["boxes_v1"][:1], x["boxes_v2"][:1]
+    with EventStorage(0):
+        losses = model([x])
+    assert all(torch.isfinite(v) for v in losses.values()) and "loss_lcl" in losses

@@ -284,16 +284,16 @@ class DRCL(nn.Module):
     def _holistic_loss(self, images_1, images_2, feats_1, feats_2, target_1, target_2):
         """HCL, symmetric over the views. Returns (loss, keys of all ranks to enqueue (2·N_global, D))."""
         f, s = self.hcl_in_feature, self.hcl_stride
-
-        def online(feats, images):  # (N, D)
-            return F.normalize(self.hcl_predictor(self.hcl_projector(_valid_mean(feats[f], images.image_sizes, s))), dim=1)
-
-        def target(feats, images):  # (N, D), no gradient
-            return F.normalize(self.target.hcl_projector(_valid_mean(feats[f], images.image_sizes, s)), dim=1)
-
-        z1, z2 = online(feats_1, images_1), online(feats_2, images_2)
+        n = len(images_1.image_sizes)
+        # Both views go through the MLPs as one batch of 2N: their BatchNorm then always sees >= 2
+        # samples (one image per GPU works) and both views are normalised alike.
+        pooled = torch.cat([_valid_mean(feats_1[f], images_1.image_sizes, s),
+                            _valid_mean(feats_2[f], images_2.image_sizes, s)])  # (2N, C)
+        z1, z2 = F.normalize(self.hcl_predictor(self.hcl_projector(pooled)), dim=1).split(n)  # (N, D) each
         with torch.no_grad():
-            k1, k2 = target(target_1, images_1), target(target_2, images_2)
+            pooled_t = torch.cat([_valid_mean(target_1[f], images_1.image_sizes, s),
+                                  _valid_mean(target_2[f], images_2.image_sizes, s)])
+            k1, k2 = F.normalize(self.target.hcl_projector(pooled_t), dim=1).split(n)
         queue = self.queue_hcl.keys.clone()
         loss = 0.5 * (info_nce(z1, k2, queue, self.temperature) + info_nce(z2, k1, queue, self.temperature))
         # View-1 keys of all ranks, then view-2 keys: the queue order of a single-process run.
@@ -305,12 +305,14 @@ class DRCL(nn.Module):
         Negatives: the other boxes of the global batch (gathered from all ranks) and the box queue.
         Returns (loss, keys of the whole batch to enqueue (2·M_global, D)).
         """
-        q1 = F.normalize(self.lcl_predictor(self.lcl_projector(self.roi_heads(feats_1, boxes_1))), dim=1)  # (M, D)
-        q2 = F.normalize(self.lcl_predictor(self.lcl_projector(self.roi_heads(feats_2, boxes_2))), dim=1)
+        m = sum(len(b) for b in boxes_1)
+        # Both views' boxes through the MLPs as one batch of 2M (see _holistic_loss).
+        box_feats = torch.cat([self.roi_heads(feats_1, boxes_1), self.roi_heads(feats_2, boxes_2)])  # (2M, C)
+        q1, q2 = F.normalize(self.lcl_predictor(self.lcl_projector(box_feats)), dim=1).split(m)  # (M, D) each
         with torch.no_grad():
             t = self.target
-            k1 = F.normalize(t.lcl_projector(t.roi_heads(target_1, boxes_1)), dim=1)  # (M, D)
-            k2 = F.normalize(t.lcl_projector(t.roi_heads(target_2, boxes_2)), dim=1)
+            box_feats_t = torch.cat([t.roi_heads(target_1, boxes_1), t.roi_heads(target_2, boxes_2)])
+            k1, k2 = F.normalize(t.lcl_projector(box_feats_t), dim=1).split(m)  # (M, D) each
             all_k1, all_k2 = gather_variable(k1), gather_variable(k2)  # (M_global, D)
             offset = self._rank_offset(k1.shape[0])
         queue = self.queue_lcl.keys.clone()
