@@ -92,7 +92,7 @@ def _save_png(fig, output: str, dpi: int = 100) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
+            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)  # no clipped labels
         os.replace(tmp, output)
     except BaseException:
         if os.path.exists(tmp):
@@ -193,6 +193,8 @@ def longtail_data(train_json: str, image_root: str | None = None, repeat_thresh:
     raw = read_json_file(train_json)
     if not isinstance(raw, dict) or not isinstance(raw.get("categories"), list):
         raise ValueError(f"{train_json}: missing top-level key 'categories' (LVIS format needs it)")
+    if any(not isinstance(c, dict) or "id" not in c for c in raw["categories"]):
+        raise ValueError(f"{train_json}: a category entry has no 'id'")
     categories = sorted(raw["categories"], key=lambda c: c["id"])  # the loader's contiguous order
     del raw  # LVIS train is ~1 GB of json: do not hold two copies
     dicts = load_lvis_format_json(train_json, image_root, check_files=False)
@@ -252,14 +254,15 @@ def plot_longtail(train_json: str, output: str, image_root: str | None = None, r
     # A category without training images has no bar on a log axis: mark it at the bottom.
     ax1.bar(x, np.where(counts > 0, counts, np.nan), width=1.0, color=colors, edgecolor="none")
     ax1.set_yscale("log")
-    for t, label in ((RARE_MAX_IMAGES, "10"), (COMMON_MAX_IMAGES, "100")):
+    for t in (RARE_MAX_IMAGES, COMMON_MAX_IMAGES):
         ax1.axhline(t, color="grey", lw=0.8, ls="--")
-        ax1.annotate(label, (1.0, t), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                     fontsize=8, color="grey")
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    ax1.legend(handles=[Patch(color=GROUP_COLORS[g], label=f"{GROUP_NAMES[g]} ({data['band_counts'][g]})")
-                        for g in GROUPS], title=f"group (from {data['frequency_source']})", fontsize=8)
+    handles = [Patch(color=GROUP_COLORS[g], label=f"{GROUP_NAMES[g]} ({data['band_counts'][g]})") for g in GROUPS]
+    handles.append(Line2D([], [], color="grey", lw=0.8, ls="--", label="10 / 100 images"))
+    ax1.legend(handles=handles, title=f"group (from {data['frequency_source']})", fontsize=8,
+               title_fontsize=8, loc="upper right")
     ax1.set_ylabel("training images per category")
     ax1.set_title(f"Long tail of {os.path.basename(train_json)}: {len(x)} categories, "
                   f"{data['num_images']} images, {data['num_instances']} instances")
@@ -406,9 +409,9 @@ def plot_ap_groups(runs, output: str, metrics: Sequence[str] = AP_METRICS) -> Pl
     axes[0].set_ylabel("AP (%)")
     axes[-1].legend(fontsize=8)
     if data["no_detections"]:
-        fig.text(0.01, 0.0, "x (hatched 0): LVIS reported -100, no detections in that group: "
-                 + ", ".join(f"{lb} {t} {m}" for t, lb, m in data["no_detections"][:6]),
-                 fontsize=7, va="bottom")
+        # supxlabel, unlike fig.text, gets room from the constrained layout.
+        fig.supxlabel("x (hatched 0): LVIS reported -100, no detections in that group: "
+                      + ", ".join(f"{lb} {t} {m}" for t, lb, m in data["no_detections"][:6]), fontsize=7)
     fig.suptitle("AP by LVIS frequency group (last evaluation of each run)", fontsize=10)
     return PlotResult(_save_png(fig, output), data)
 
@@ -693,7 +696,7 @@ def plot_attention(config: str, weights, output: str, *, images=None, dataset_js
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(mappable, ax=axes, shrink=0.6, label="normalised feature magnitude")
+    fig.colorbar(mappable, ax=axes, shrink=0.8, fraction=0.02, label="feature magnitude (min-max)")
     fig.suptitle(f"Feature magnitude ({'L2 norm' if reduction == 'l2' else 'mean |x|'} over channels, "
                  f"min-max per map) - {os.path.basename(config)}", fontsize=9)
     data = {"images": paths, "labels": [lb for lb, _ in pairs], "levels": chosen, "reduction": reduction,
@@ -791,8 +794,9 @@ def plot_predictions(config: str, weights, output: str, *, images=None, dataset_
             drawn[label].append(Visualizer(shown, metadata, scale=scale).draw_instance_predictions(out).get_image())
         del model
 
-    fig = _new_figure(4.2 * len(pairs) + 0.4, 3.6 * len(paths) * min(1.5, drawn[pairs[0][0]][0].shape[0]
-                                                                   / drawn[pairs[0][0]][0].shape[1]) + 0.6)
+    first = drawn[pairs[0][0]][0]
+    aspect = min(1.5, first.shape[0] / first.shape[1])
+    fig = _new_figure(max(6.0, 4.2 * len(pairs) + 0.4), 4.2 * aspect * len(paths) + 0.8)
     axes = np.array(fig.subplots(len(paths), len(pairs), squeeze=False))
     for j, (label, _) in enumerate(pairs):
         for i, path in enumerate(paths):
@@ -803,8 +807,8 @@ def plot_predictions(config: str, weights, output: str, *, images=None, dataset_
             ax.set_yticks([])
             if j == 0:
                 ax.set_ylabel(os.path.basename(path), fontsize=7)
-    fig.suptitle(f"Predictions with score >= {score_thresh:g} ({os.path.basename(config)}; names: "
-                 f"{os.path.basename(names_source)})", fontsize=9)
+    fig.suptitle(f"Predictions with score >= {score_thresh:g}\n{os.path.basename(config)}; class names: "
+                 f"{os.path.basename(names_source)}", fontsize=9)
     data = {"images": paths, "labels": [lb for lb, _ in pairs], "score_thresh": float(score_thresh),
             "instances": instances, "class_names": names, "class_names_source": names_source,
             "weights": reports}
