@@ -146,7 +146,8 @@ def test_drb_schedule_reads_values_and_rejects_runs_without_drb(tmp_path):
     assert res.data["mean_repeat"].tolist() == [1.125, 1.175, 1.28125]
     assert res.data["metrics_json"] == metrics
 
-    plain = _write_lines(tmp_path / "rfs.json", [{"iteration": 19, "total_loss": 1.0}, {"iteration": 39, "bbox/AP": 1.0}])
+    plain = _write_lines(tmp_path / "rfs.json", [{"iteration": 19, "total_loss": 1.0},
+                                                 {"iteration": 39, "bbox/AP": 1.0}])
     with pytest.raises(ValueError, match=re.escape(plain) + ".*DynamicRepeatFactorTrainingSampler"):
         plots.plot_drb_schedule(plain, str(tmp_path / "no.png"))
     assert not (tmp_path / "no.png").exists()

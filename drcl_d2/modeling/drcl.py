@@ -313,8 +313,8 @@ class DRCL(nn.Module):
             t = self.target
             box_feats_t = torch.cat([t.roi_heads(target_1, boxes_1), t.roi_heads(target_2, boxes_2)])
             k1, k2 = F.normalize(t.lcl_projector(box_feats_t), dim=1).split(m)  # (M, D) each
-            all_k1, all_k2 = gather_variable(k1), gather_variable(k2)  # (M_global, D)
-            offset = self._rank_offset(k1.shape[0])
+            (all_k1, sizes), (all_k2, _) = gather_variable(k1), gather_variable(k2)  # (M_global, D)
+            offset = sum(sizes[: comm.get_rank()])  # this rank's first box in the gathered list
         queue = self.queue_lcl.keys.clone()
         positives = torch.arange(q1.shape[0], device=q1.device) + offset
         loss = 0.5 * (info_nce_with_batch_negatives(q1, all_k2, positives, queue, self.temperature)
@@ -324,14 +324,6 @@ class DRCL(nn.Module):
         # global batch, as a single process would compute it.
         loss = loss * (q1.shape[0] * comm.get_world_size() / max(all_k1.shape[0], 1))
         return loss, torch.cat([all_k1, all_k2])
-
-    @staticmethod
-    def _rank_offset(num_local: int) -> int:
-        """Index of this rank's first box in the gathered box list."""
-        if comm.get_world_size() == 1:
-            return 0
-        sizes = comm.all_gather(num_local)
-        return int(sum(sizes[: comm.get_rank()]))
 
     def _appearance_loss(self, recon, images):
         """L_AR: mean squared error to the normalised input average-pooled to the decoder's stride."""

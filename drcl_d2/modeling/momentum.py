@@ -30,18 +30,21 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gather_variable(tensor: torch.Tensor) -> torch.Tensor:
-    """concat_all_gather for tensors whose first dimension differs across ranks (box embeddings)."""
+def gather_variable(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """concat_all_gather for tensors whose first dimension differs across ranks (box embeddings).
+
+    Returns the concatenation in rank order and each rank's count.
+    """
     world = comm.get_world_size()
     if world == 1:
-        return tensor
+        return tensor, [tensor.shape[0]]
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
     sizes = concat_all_gather(size).tolist()
     padded = torch.zeros((max(sizes),) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     padded[: tensor.shape[0]] = tensor
     gathered = concat_all_gather(padded)
     m = max(sizes)
-    return torch.cat([gathered[r * m: r * m + n] for r, n in enumerate(sizes)], dim=0)
+    return torch.cat([gathered[r * m: r * m + n] for r, n in enumerate(sizes)], dim=0), sizes
 
 
 class FeatureQueue(nn.Module):

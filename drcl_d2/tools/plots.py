@@ -819,7 +819,11 @@ def plot_predictions(config: str, weights, output: str, *, images=None, dataset_
 # the demo's figures
 # ---------------------------------------------------------------------------------------------
 def _has_drb(metrics_json: str) -> bool:
-    return any(any(k in r for k in DRB_KEYS) for _, r in _metrics_records(metrics_json))
+    """Whether a metrics.json logs drb/*; True on a malformed file, so the plot reports the problem."""
+    try:
+        return any(any(k in r for k in DRB_KEYS) for _, r in _metrics_records(metrics_json))
+    except (ValueError, OSError):
+        return True
 
 
 def make_demo_figures(dataset_json: str, image_root: str, finetune_dir: str, out_dir: str, config: str,
