@@ -8,7 +8,9 @@ Steps, each the command a user would type (printed before it runs):
 2. 2DRCL pretraining of the whole detector with Dynamic Rebalancing (pretrain_net.py);
 3. drcl-convert: pretraining checkpoint -> detectron2 Mask R-CNN weights;
 4. fine-tuning with Dynamic Rebalancing and LVIS evaluation (train_net.py);
-5. the AP / APr / APc / APf table (bbox, segm), also written to OUTPUT/results.json.
+5. figures under OUTPUT/figures (long tail and DRB factors, DRB schedule, AP by frequency group,
+   attention maps, predictions);
+6. the AP / APr / APc / APf table (bbox, segm), also written to OUTPUT/results.json.
 """
 from __future__ import annotations
 
@@ -51,6 +53,25 @@ def format_results_table(results: dict) -> str:
 
     rows = [[task] + [f"{results[task].get(m, float('nan')):.1f}" for m in METRICS] for task in sorted(results)]
     return tabulate(rows, headers=["task"] + list(METRICS), tablefmt="github")
+
+
+def write_figures(args, data: str, opts: list[str], weights: list[str]) -> dict:
+    """The demo's PNGs (long tail + DRB factors, DRB schedule, AP by frequency group, attention
+    maps of the pretrained and fine-tuned detectors, predictions) under OUTPUT/figures."""
+    from drcl_d2.tools.plots import make_demo_figures
+
+    print("\n# figures (python -m drcl_d2.tools.plots ... makes each on your own runs)", flush=True)
+    out = os.path.join(ROOT, args.output)
+    checkpoints = {}
+    if weights:
+        checkpoints["2DRCL pretrained"] = weights[1]
+    checkpoints["fine-tuned"] = os.path.join(out, "finetune", "model_final.pth")
+    return make_demo_figures(
+        f"{data}/lvis_v1_train.json", data, os.path.join(out, "finetune"), os.path.join(out, "figures"),
+        os.path.join(ROOT, args.config), checkpoints,
+        pretrain_dir=None if args.no_pretrain else os.path.join(out, "pretrain"),
+        val_json=f"{data}/lvis_v1_val.json", opts=opts,
+    )
 
 
 def _schedule(iters: int | None) -> list[str]:
@@ -102,11 +123,14 @@ def main(argv=None) -> int:
     run([py, "train_net.py", "--config-file", args.config, "OUTPUT_DIR", os.path.join(args.output, "finetune")]
         + common + weights + _schedule(args.iters) + extra)
 
+    figures = write_figures(args, data, common + extra, weights)
     results = read_final_metrics(os.path.join(ROOT, args.output, "finetune", "metrics.json"))
     with open(os.path.join(ROOT, args.output, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nLVIS evaluation on the embedded val split ({args.config}):\n")
     print(format_results_table(results))
+    if figures:
+        print("\nFigures:\n" + "\n".join(f"  {name}: {path}" for name, path in figures.items()))
     print(f"\nEverything is under {args.output}/ (took {time.time() - start:.0f} s)")
     return 0
 
