@@ -21,31 +21,10 @@ import subprocess
 import sys
 import time
 
+from .plots import read_final_metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf")
-
-
-def read_final_metrics(metrics_json: str) -> dict:
-    """The last evaluation in a detectron2 metrics.json: {"bbox": {AP: ..}, "segm": {..}}."""
-    if not os.path.isfile(metrics_json):
-        raise FileNotFoundError(f"{metrics_json} not found: did training run?")
-    results = {}
-    with open(metrics_json) as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{metrics_json}:{line_no} is not a JSON line: {e}") from e
-            for key, value in record.items():
-                task, _, metric = key.partition("/")
-                if task in ("bbox", "segm") and metric:
-                    results.setdefault(task, {})[metric] = value
-    if not results:
-        raise ValueError(f"{metrics_json} holds no bbox/segm evaluation results")
-    return results
 
 
 def format_results_table(results: dict) -> str:

@@ -152,6 +152,21 @@ def _metrics_file(path: str) -> str:
     return path
 
 
+def read_final_metrics(metrics_json: str) -> dict:
+    """The last evaluation in a detectron2 metrics.json: {"bbox": {AP: ..}, "segm": {..}}."""
+    if not os.path.isfile(metrics_json):
+        raise FileNotFoundError(f"{metrics_json} not found: did training run?")
+    results = {}
+    for _, record in _metrics_records(metrics_json):
+        for key, value in record.items():
+            task, _, metric = key.partition("/")
+            if task in ("bbox", "segm") and metric:
+                results.setdefault(task, {})[metric] = value
+    if not results:
+        raise ValueError(f"{metrics_json} holds no bbox/segm evaluation results")
+    return results
+
+
 def _metrics_records(metrics_json: str) -> Iterator[tuple[int, dict]]:
     """(line number, record) of a detectron2 metrics.json (one JSON object per line)."""
     with open(metrics_json) as f:
@@ -344,21 +359,13 @@ def plot_drb_schedule(metrics: str, output: str) -> PlotResult:
 # ---------------------------------------------------------------------------------------------
 def ap_groups_data(runs, metrics: Sequence[str] = AP_METRICS) -> dict:
     """Final bbox / segm AP, APr, APc, APf of each run: values[task][label][metric] (NaN if absent)."""
-    from .demo import read_final_metrics
-
     pairs = _labeled(runs, "--run")
     values: dict[str, dict[str, dict[str, float]]] = {}
     files = {}
     for label, path in pairs:
         metrics_json = _metrics_file(path)
         files[label] = metrics_json
-        try:
-            final = read_final_metrics(metrics_json)
-        except (AttributeError, TypeError):
-            # read_final_metrics expects objects; name the offending line instead of a traceback.
-            for _ in _metrics_records(metrics_json):
-                pass
-            raise
+        final = read_final_metrics(metrics_json)
         for task, task_values in final.items():
             for m in metrics:
                 if m in task_values:
