@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""The long-tail results table: one fine-tuning schedule from different starts and samplers.
+
+Starts: no pretraining, MoCo v2, DetCo, 2DRCL (each pretrained here on the same embedded set);
+samplers: uniform (no pretraining only), RFS, Dynamic Rebalancing. Each cell is fine-tuned and
+evaluated with LVISEvaluator for several seeds; the table reports mean ± std of bbox / segm AP, APr,
+APc, APf, with the settings, wall time and commit. Every step is the project's own command line
+(pretrain_net.py, drcl-convert, train_net.py); finished runs are reused, so an interrupted table
+continues where it stopped.
+
+    python benchmarks/longtail_table.py                 # medium embedded set, 3 seeds (about 1.5 h on 2 cores)
+    python benchmarks/longtail_table.py --quick         # tiny set, 1 seed, a few iterations (checks the plumbing)
+
+Writes benchmarks/results/longtail_table.json and the "longtail" table of BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import environment, update_benchmarks_md, write_result  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN_CONFIGS = {
+    "MoCo v2": "configs/embedded/moco_v2_R_18_embedded.yaml",
+    "DetCo": "configs/embedded/detco_R_18_embedded.yaml",
+    "2DRCL": "configs/embedded/drcl_R_18_FPN_embedded.yaml",
+}
+SAMPLER_CONFIGS = {
+    "uniform": "configs/embedded/mask_rcnn_R_18_FPN_uniform.yaml",
+    "RFS": "configs/embedded/mask_rcnn_R_18_FPN_rfs.yaml",
+    "DRB": "configs/embedded/mask_rcnn_R_18_FPN_drb.yaml",
+}
+CELLS = [("none", "uniform"), ("none", "RFS"), ("none", "DRB")] + [
+    (start, sampler) for start in PRETRAIN_CONFIGS for sampler in ("RFS", "DRB")
+]
+METRICS = ("AP", "APr", "APc", "APf")
+
+
+def run(cmd: list[str], log: str) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed (exit {proc.returncode}), see {log}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="output/longtail")
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pretrain-iters", type=int, default=60)
+    parser.add_argument("--finetune-iters", type=int, default=150)
+    parser.add_argument("--size", type=int, default=192, help="short side of training / test images")
+    parser.add_argument("--quick", action="store_true", help="tiny set, 1 seed, 3 iterations: checks the plumbing")
+    args = parser.parse_args()
+    if args.quick:
+        args.preset, args.seeds, args.pretrain_iters, args.finetune_iters, args.size = "tiny", [0], 2, 3, 128
+        args.output = args.output.rstrip("/") + "_quick"
+
+    from drcl_d2.data.synthetic import PRESETS, make_longtail_dataset
+    from drcl_d2.tools.plots import read_final_metrics
+
+    py, start_time = sys.executable, time.time()
+    out = os.path.join(ROOT, args.output)
+    data = os.path.join(out, f"data_{args.preset}")
+    make_longtail_dataset(data, **PRESETS[args.preset])
+    datasets = repr([["lt_train", f"{data}/lvis_v1_train.json", data], ["lt_val", f"{data}/lvis_v1_val.json", data]])
+    common = ["DATASETS.LVIS_CUSTOM", datasets, "DATASETS.TRAIN", "('lt_train',)",
+              "MODEL.ROI_HEADS.NUM_CLASSES", str(PRESETS[args.preset]["num_categories"]),
+              "INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MIN_SIZE_TEST", str(args.size),
+              "INPUT.MAX_SIZE_TRAIN", str(args.size * 5 // 4), "INPUT.MAX_SIZE_TEST", str(args.size * 5 // 4)]
+
+    def schedule(iters):
+        return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, int(iters * 0.75))},)",
+                "SOLVER.WARMUP_ITERS", str(min(iters, 20)), "SOLVER.CHECKPOINT_PERIOD", str(iters)]
+
+    results: dict = {}
+    for seed in args.seeds:
+        weights = {"none": ""}
+        for method, config in PRETRAIN_CONFIGS.items():
+            run_dir = os.path.join(out, f"seed{seed}", "pretrain_" + method.replace(" ", "_"))
+            converted = run_dir + ".pkl"
+            if not os.path.exists(converted):
+                os.makedirs(run_dir, exist_ok=True)
+                run([py, "pretrain_net.py", "--config-file", config, "OUTPUT_DIR", run_dir, "SEED", str(seed)]
+                    + common + schedule(args.pretrain_iters), os.path.join(run_dir, "stdout.log"))
+                run([py, "-m", "drcl_d2.checkpoint", os.path.join(run_dir, "model_final.pth"), converted,
+                     "--target-config", SAMPLER_CONFIGS["DRB"], "--opts"] + common,
+                    os.path.join(run_dir, "convert.log"))
+            weights[method] = converted
+        for start, sampler in CELLS:
+            run_dir = os.path.join(out, f"seed{seed}", f"finetune_{start.replace(' ', '_')}_{sampler}")
+            metrics = os.path.join(run_dir, "metrics.json")
+            try:
+                final = read_final_metrics(metrics)
+            except (FileNotFoundError, ValueError):
+                os.makedirs(run_dir, exist_ok=True)
+                run([py, "train_net.py", "--config-file", SAMPLER_CONFIGS[sampler], "OUTPUT_DIR", run_dir,
+                     "SEED", str(seed), "MODEL.WEIGHTS", weights[start], "DATASETS.TEST", "('lt_val',)"]
+                    + common + schedule(args.finetune_iters), os.path.join(run_dir, "stdout.log"))
+                final = read_final_metrics(metrics)
+            results.setdefault(f"{start} + {sampler}", []).append(final)
+
+    def cell(runs, task, metric):
+        values = [r[task][metric] for r in runs if r.get(task, {}).get(metric, -100.0) != -100.0]
+        if not values:
+            return "n/a"
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.1f} ± {std:.1f}"
+
+    env = environment()
+    wall = time.time() - start_time
+    settings = (f"embedded `{args.preset}` set ({PRESETS[args.preset]['num_train_images']} train / "
+                f"{PRESETS[args.preset]['num_val_images']} val images, {PRESETS[args.preset]['num_categories']} "
+                f"categories), Mask R-CNN R18-FPN from scratch or from the converted pretraining, "
+                f"{args.pretrain_iters} pretraining and {args.finetune_iters} fine-tuning iterations at batch 4, "
+                f"{args.size}-px images, seeds {args.seeds}")
+    lines = ["## Long-tail results table (embedded dataset, CPU)", "",
+             f"`python benchmarks/longtail_table.py{' --quick' if args.quick else ''}` — {settings}; "
+             f"wall time {wall / 60:.0f} min on {env['cpu_count']} cores; commit {env['commit']}. "
+             "Mean ± std over seeds; n/a = no detections in that group for every seed.", "",
+             "| start + sampler | " + " | ".join(f"bbox {m}" for m in METRICS) + " | "
+             + " | ".join(f"segm {m}" for m in METRICS) + " |",
+             "|---|" + "---|" * (2 * len(METRICS))]
+    for name, runs in results.items():
+        lines.append(f"| {name} | " + " | ".join(cell(runs, "bbox", m) for m in METRICS) + " | "
+                     + " | ".join(cell(runs, "segm", m) for m in METRICS) + " |")
+    write_result("longtail_table" + ("_quick" if args.quick else ""),
+                 {"settings": settings, "seeds": args.seeds, "runs": results, "wall_seconds": wall, "env": env})
+    if not args.quick:
+        update_benchmarks_md("longtail", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
