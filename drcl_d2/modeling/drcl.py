@@ -253,11 +253,11 @@ class DRCL(nn.Module):
 
         losses, new_keys = {}, {}
         if w["hcl"] > 0:
-            losses["loss_hcl"], new_keys["hcl"] = self._holistic_loss(images_1, images_2, feats_1, feats_2,
-                                                                      target_1, target_2)
+            loss, new_keys["hcl"] = self._holistic_loss(images_1, images_2, feats_1, feats_2, target_1, target_2)
+            losses["loss_hcl"] = w["hcl"] * loss
         if w["lcl"] > 0:
-            losses["loss_lcl"], new_keys["lcl"] = self._local_loss(feats_1, feats_2, target_1, target_2,
-                                                                   boxes_1, boxes_2)
+            loss, new_keys["lcl"] = self._local_loss(feats_1, feats_2, target_1, target_2, boxes_1, boxes_2)
+            losses["loss_lcl"] = w["lcl"] * loss
         if w["rpn"] > 0:
             gt = [Instances(size, gt_boxes=Boxes(b)) for size, b in zip(images_1.image_sizes, boxes_1)]
             _, rpn_losses = self.proposal_generator(images_1, feats_1, gt)
@@ -268,10 +268,6 @@ class DRCL(nn.Module):
                 losses["loss_ar"] = w["ar"] * self._appearance_loss(recon, images_1)
             if w["sr"] > 0:
                 losses["loss_sr"] = w["sr"] * self._semantic_loss(recon, images_1, target_1, batched_inputs)
-        if w["hcl"] > 0:
-            losses["loss_hcl"] = w["hcl"] * losses["loss_hcl"]
-        if w["lcl"] > 0:
-            losses["loss_lcl"] = w["lcl"] * losses["loss_lcl"]
 
         # Queues advance after the losses used them, with the keys of all ranks (gathered above);
         # FeatureQueue never stores non-finite keys.
