@@ -260,7 +260,8 @@ def main():
                      f"timed iterations of the full run spread by ±{spread:.3f} s (std), so smaller or "
                      "negative differences are noise" + (" (a launch-bound GPU at batch 2 shows this)." if gpu else "."))
     table = "\n".join(lines)
-    update_benchmarks_md(name, table)
+    if args.kinds == parser.get_default("kinds") or args.kinds == "moco,detco":
+        update_benchmarks_md(name, table)  # scaling points go into scaling_table.py's one table instead
     print(table)
 
 

@@ -26,7 +26,7 @@ def main():
     env = rows[0][5]
     lines = [f"## Scaling with batch size and image size ({'GPU: ' + str(env['cuda']) if env['cuda'] else 'CPU'})", "",
              f"`bash benchmarks/scaling.sh {'cuda' if dev == 'gpu' else 'cpu'} && python benchmarks/scaling_table.py {dev}` — "
-             "ResNet-50-FPN, fp32, median step time; peak memory is torch.cuda.max_memory_allocated on GPU.", "",
+             "ResNet-50-FPN, fp32, median step time; peak memory is torch.cuda.max_memory_allocated on GPU, the process max RSS on CPU.", "",
              "| images / iter | image size | Mask R-CNN s / iter | 2DRCL s / iter | ratio | Mask R-CNN peak MiB | 2DRCL peak MiB |",
              "|---|---|---|---|---|---|---|"]
     for b, h, w, m, d, _ in rows:
