@@ -42,6 +42,8 @@ import torchvision.transforms.v2.functional as TF
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 
+from .photometric import apply_color_jitter, blur_kernel_size
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DetCoViewMapper", "random_resized_crop_params", "rand_augment", "GRID"]
@@ -78,15 +80,6 @@ def random_resized_crop_params(height: int, width: int, scale: Sequence[float], 
         w, h = width, height
     h, w = max(1, min(h, height)), max(1, min(w, width))
     return (height - h) // 2, (width - w) // 2, h, w
-
-
-def _blur_kernel(sigma: float, height: int, width: int) -> int:
-    """Odd kernel side 2*ceil(3 sigma)+1, shrunk so that reflect padding fits the image (0: no blur)."""
-    short = min(height, width)
-    if short < 2:
-        return 0
-    k = 2 * math.ceil(3.0 * sigma) + 1
-    return min(k, 2 * (short - 1) + 1)
 
 
 # RandAugment: torchvision's op space (name, magnitude at bin 30, signed), re-implemented so that
@@ -246,16 +239,7 @@ class DetCoViewMapper:
         b, c, s, h = self.color_jitter
         factors = (rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
                    rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h))
-        for op in rng.permutation(4):
-            if op == 0:
-                img = TF.adjust_brightness(img, factors[0])
-            elif op == 1:
-                img = TF.adjust_contrast(img, factors[1])
-            elif op == 2:
-                img = TF.adjust_saturation(img, factors[2])
-            else:
-                img = TF.adjust_hue(img, factors[3])
-        return img
+        return apply_color_jitter(img, factors, rng.permutation(4))
 
     def _photometric_and_flip(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """MoCo v2's order: colour jitter (p), grayscale (p), Gaussian blur (p), horizontal flip (p)."""
@@ -265,7 +249,7 @@ class DetCoViewMapper:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
         if rng.random() < self.blur_prob:
             sigma = float(rng.uniform(*self.blur_sigma))
-            k = _blur_kernel(sigma, img.shape[-2], img.shape[-1])
+            k = blur_kernel_size(img.shape[-2], img.shape[-1], sigma, max_fraction=None)
             if k >= 3:
                 img = TF.gaussian_blur(img, [k, k], [sigma, sigma])
         if rng.random() < self.flip_prob:

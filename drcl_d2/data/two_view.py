@@ -50,6 +50,8 @@ from detectron2.data.transforms import (
 from detectron2.structures import BoxMode
 from PIL import Image
 
+from .photometric import apply_color_jitter, blur_kernel_size
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["TwoViewBoxMapper", "blur_kernel_size"]
@@ -58,28 +60,6 @@ BOX_SOURCES = ("gt", "proposals", "random")
 # Crop aspect ratio (width / height) range, drawn log-uniformly (torchvision's RandomResizedCrop).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 SOLARIZE_THRESHOLD = 128  # uint8 images
-# Blur kernel side as a fraction of the view's shorter side (BYOL: 23 px on 224 px crops).
-BLUR_KERNEL_FRACTION = 0.1
-
-
-def blur_kernel_size(height: int, width: int, sigma: float) -> int:
-    """Odd Gaussian kernel side for a view of (height, width) pixels and a blur sigma (pixels).
-
-    The kernel spans +-3 sigma (2 * ceil(3 sigma) + 1; the Gaussian's tails beyond hold < 0.3 %
-    of its mass), at most ~10 % of the view's shorter side (BYOL's 23 px on 224 px crops) and at
-    least 3; it is capped so that the reflect padding (k // 2) stays inside the view. Tying the
-    kernel to sigma, not only to the view, keeps blurring cheap on detection-sized views: an
-    81 px kernel on an 800 px view costs ~40x a 13 px one for the same sigma <= 2 blur.
-    Returns 0 when the view is too small to blur (shorter side < 2).
-    """
-    short = min(height, width)
-    if short < 2:
-        return 0
-    by_view = int(round(BLUR_KERNEL_FRACTION * short))
-    by_sigma = 2 * math.ceil(3 * sigma) + 1
-    k = max(3, min(by_view, by_sigma))
-    k = k if k % 2 == 1 else k + 1
-    return min(k, 2 * (short - 1) + 1)  # reflect padding needs k // 2 < short
 
 
 def _pair(value, name: str) -> tuple[float, float]:
@@ -310,11 +290,7 @@ class TwoViewBoxMapper:
             rng.uniform(-hue, hue),
         )
         if jitter:
-            ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-            strengths = (b, c, s, hue)
-            for i in order:
-                if strengths[i] > 0:  # strength 0: the op is the identity
-                    img = ops[i](img, float(factors[i]))
+            img = apply_color_jitter(img, factors, order, strengths=(b, c, s, hue))
         if rng.random() < self.grayscale_prob:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
         blur = rng.random() < self.blur_prob[view]
