@@ -8,7 +8,7 @@ APc, APf, with the settings, wall time and commit. Every step is the project's o
 (pretrain_net.py, drcl-convert, train_net.py); finished runs are reused, so an interrupted table
 continues where it stopped.
 
-    python benchmarks/longtail_table.py                 # medium embedded set, 3 seeds (about 1.5 h on 2 cores)
+    python benchmarks/longtail_table.py                 # medium embedded set, 3 seeds (about 1 h on 2 cores)
     python benchmarks/longtail_table.py --quick         # tiny set, 1 seed, a few iterations (checks the plumbing)
 
 Writes benchmarks/results/longtail_table.json and the "longtail" table of BENCHMARKS.md.
@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _report import environment, update_benchmarks_md, write_result  # noqa: E402
@@ -43,12 +44,36 @@ CELLS = [("none", "uniform"), ("none", "RFS"), ("none", "DRB")] + [
 METRICS = ("AP", "APr", "APc", "APf")
 
 
-def run(cmd: list[str], log: str) -> None:
-    print("$ " + " ".join(cmd), flush=True)
+def run(cmd: list[str], log: str, threads: int) -> float:
+    """Runs one project command with its output in LOG; returns its wall time in seconds."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    begin = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"command failed (exit {proc.returncode}), see {log}")
+        raise RuntimeError(f"command failed (exit {proc.returncode}): {' '.join(cmd)}\nsee {log}")
+    return time.time() - begin
+
+
+def run_all(jobs: list, workers: int, threads: int, what: str) -> None:
+    """Runs (name, [(cmd, log), ...]) jobs, WORKERS at a time, printing progress with an ETA."""
+    if not jobs:
+        return
+    begin, done = time.time(), 0
+    print(f"# {what}: {len(jobs)} runs, {workers} at a time, {threads} thread(s) each", flush=True)
+
+    def one(job):
+        name, steps = job
+        return name, sum(run(cmd, log, threads) for cmd, log in steps)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in as_completed([pool.submit(one, job) for job in jobs]):
+            name, seconds = future.result()
+            done += 1
+            elapsed = time.time() - begin
+            eta = elapsed / done * (len(jobs) - done)
+            print(f"[{done}/{len(jobs)}] {name}: {seconds:.0f} s (elapsed {elapsed / 60:.1f} min, "
+                  f"ETA {eta / 60:.1f} min)", flush=True)
 
 
 def main():
@@ -56,9 +81,14 @@ def main():
     parser.add_argument("--output", default="output/longtail")
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--pretrain-iters", type=int, default=60)
-    parser.add_argument("--finetune-iters", type=int, default=150)
-    parser.add_argument("--size", type=int, default=192, help="short side of training / test images")
+    parser.add_argument("--pretrain-iters", type=int, default=120)
+    parser.add_argument("--finetune-iters", type=int, default=100)
+    parser.add_argument("--size", type=int, default=160, help="short side of training / test images")
+    parser.add_argument("--detections", type=int, default=50,
+                        help="TEST.DETECTIONS_PER_IMAGE (the set has at most 6 objects per image)")
+    parser.add_argument("--pretrain-per-seed", action="store_true",
+                        help="pretrain once per seed (default: once, with seed 0, shared by the fine-tuning seeds)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores / jobs threads)")
     parser.add_argument("--quick", action="store_true", help="tiny set, 1 seed, 3 iterations: checks the plumbing")
     args = parser.parse_args()
     if args.quick:
@@ -69,45 +99,64 @@ def main():
     from drcl_d2.tools.plots import read_final_metrics
 
     py, start_time = sys.executable, time.time()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     out = os.path.join(ROOT, args.output)
     data = os.path.join(out, f"data_{args.preset}")
     make_longtail_dataset(data, **PRESETS[args.preset])
+    # Finished runs are reused only under the same settings: they live in a folder named by them.
+    runs_root = os.path.join(out, f"{args.preset}_{args.size}px_pre{args.pretrain_iters}_ft{args.finetune_iters}"
+                                  f"_det{args.detections}")
     datasets = repr([["lt_train", f"{data}/lvis_v1_train.json", data], ["lt_val", f"{data}/lvis_v1_val.json", data]])
     common = ["DATASETS.LVIS_CUSTOM", datasets, "DATASETS.TRAIN", "('lt_train',)",
               "MODEL.ROI_HEADS.NUM_CLASSES", str(PRESETS[args.preset]["num_categories"]),
               "INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MIN_SIZE_TEST", str(args.size),
-              "INPUT.MAX_SIZE_TRAIN", str(args.size * 5 // 4), "INPUT.MAX_SIZE_TEST", str(args.size * 5 // 4)]
+              "INPUT.MAX_SIZE_TRAIN", str(args.size * 5 // 4), "INPUT.MAX_SIZE_TEST", str(args.size * 5 // 4),
+              "DATALOADER.NUM_WORKERS", "1"]
 
     def schedule(iters):
         return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, int(iters * 0.75))},)",
                 "SOLVER.WARMUP_ITERS", str(min(iters, 20)), "SOLVER.CHECKPOINT_PERIOD", str(iters)]
 
-    results: dict = {}
-    for seed in args.seeds:
-        weights = {"none": ""}
+    pretrain_seeds = args.seeds if args.pretrain_per_seed else [0]
+    weights, pretrain_jobs = {}, []
+    for seed in pretrain_seeds:
         for method, config in PRETRAIN_CONFIGS.items():
-            run_dir = os.path.join(out, f"seed{seed}", "pretrain_" + method.replace(" ", "_"))
+            run_dir = os.path.join(runs_root, f"pretrain_seed{seed}", method.replace(" ", "_"))
             converted = run_dir + ".pkl"
-            if not os.path.exists(converted):
-                os.makedirs(run_dir, exist_ok=True)
-                run([py, "pretrain_net.py", "--config-file", config, "OUTPUT_DIR", run_dir, "SEED", str(seed)]
-                    + common + schedule(args.pretrain_iters), os.path.join(run_dir, "stdout.log"))
-                run([py, "-m", "drcl_d2.checkpoint", os.path.join(run_dir, "model_final.pth"), converted,
-                     "--target-config", SAMPLER_CONFIGS["DRB"], "--opts"] + common,
-                    os.path.join(run_dir, "convert.log"))
-            weights[method] = converted
+            weights[(method, seed)] = converted
+            if os.path.exists(converted):
+                continue
+            os.makedirs(run_dir, exist_ok=True)
+            pretrain_jobs.append((f"pretrain {method} seed {seed}", [
+                ([py, "pretrain_net.py", "--config-file", config, "OUTPUT_DIR", run_dir, "SEED", str(seed)]
+                 + common + schedule(args.pretrain_iters), os.path.join(run_dir, "stdout.log")),
+                ([py, "-m", "drcl_d2.checkpoint", os.path.join(run_dir, "model_final.pth"), converted,
+                  "--target-config", SAMPLER_CONFIGS["DRB"], "--opts"] + common,
+                 os.path.join(run_dir, "convert.log")),
+            ]))
+    run_all(pretrain_jobs, args.jobs, threads, "pretraining + drcl-convert")
+
+    finetune_dirs, finetune_jobs = {}, []
+    for seed in args.seeds:
         for start, sampler in CELLS:
-            run_dir = os.path.join(out, f"seed{seed}", f"finetune_{start.replace(' ', '_')}_{sampler}")
-            metrics = os.path.join(run_dir, "metrics.json")
+            run_dir = os.path.join(runs_root, f"seed{seed}", f"finetune_{start.replace(' ', '_')}_{sampler}")
+            finetune_dirs.setdefault(f"{start} + {sampler}", []).append(run_dir)
             try:
-                final = read_final_metrics(metrics)
+                read_final_metrics(os.path.join(run_dir, "metrics.json"))
+                continue
             except (FileNotFoundError, ValueError):
-                os.makedirs(run_dir, exist_ok=True)
-                run([py, "train_net.py", "--config-file", SAMPLER_CONFIGS[sampler], "OUTPUT_DIR", run_dir,
-                     "SEED", str(seed), "MODEL.WEIGHTS", weights[start], "DATASETS.TEST", "('lt_val',)"]
-                    + common + schedule(args.finetune_iters), os.path.join(run_dir, "stdout.log"))
-                final = read_final_metrics(metrics)
-            results.setdefault(f"{start} + {sampler}", []).append(final)
+                pass
+            os.makedirs(run_dir, exist_ok=True)
+            init = "" if start == "none" else weights[(start, seed if args.pretrain_per_seed else 0)]
+            finetune_jobs.append((f"{start} + {sampler} seed {seed}", [
+                ([py, "train_net.py", "--config-file", SAMPLER_CONFIGS[sampler], "OUTPUT_DIR", run_dir,
+                  "SEED", str(seed), "MODEL.WEIGHTS", init, "DATASETS.TEST", "('lt_val',)",
+                  "TEST.DETECTIONS_PER_IMAGE", str(args.detections)] + common + schedule(args.finetune_iters),
+                 os.path.join(run_dir, "stdout.log")),
+            ]))
+    run_all(finetune_jobs, args.jobs, threads, "fine-tuning + LVIS evaluation")
+    results = {name: [read_final_metrics(os.path.join(d, "metrics.json")) for d in dirs]
+               for name, dirs in finetune_dirs.items()}
 
     def cell(runs, task, metric):
         values = [r[task][metric] for r in runs if r.get(task, {}).get(metric, -100.0) != -100.0]
@@ -120,12 +169,14 @@ def main():
     wall = time.time() - start_time
     settings = (f"embedded `{args.preset}` set ({PRESETS[args.preset]['num_train_images']} train / "
                 f"{PRESETS[args.preset]['num_val_images']} val images, {PRESETS[args.preset]['num_categories']} "
-                f"categories), Mask R-CNN R18-FPN from scratch or from the converted pretraining, "
+                f"categories), Mask R-CNN R18-FPN from scratch or from the converted pretraining "
+                f"({'one pretraining per seed' if args.pretrain_per_seed else 'one pretraining, seed 0, per method'}), "
                 f"{args.pretrain_iters} pretraining and {args.finetune_iters} fine-tuning iterations at batch 4, "
-                f"{args.size}-px images, seeds {args.seeds}")
+                f"{args.size}-px images, {args.detections} detections per image, fine-tuning seeds {args.seeds}")
     lines = ["## Long-tail results table (embedded dataset, CPU)", "",
              f"`python benchmarks/longtail_table.py{' --quick' if args.quick else ''}` — {settings}; "
-             f"wall time {wall / 60:.0f} min on {env['cpu_count']} cores; commit {env['commit']}. "
+             f"wall time {wall / 60:.0f} min on {env['cpu_count']} cores ({args.jobs} runs at a time); "
+             f"commit {env['commit']}. "
              "Mean ± std over seeds; n/a = no detections in that group for every seed.", "",
              "| start + sampler | " + " | ".join(f"bbox {m}" for m in METRICS) + " | "
              + " | ".join(f"segm {m}" for m in METRICS) + " |",
