@@ -5,7 +5,7 @@ DATA ?= datasets/embedded_small
 OUT ?= output/demo
 PYTEST_ARGS ?= -q
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench longtail clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -23,6 +23,10 @@ bench: setup
 	$(PY) benchmarks/bench_rebalance.py
 	$(PY) benchmarks/bench_mappers.py
 	$(PY) benchmarks/bench_pretrain_step.py
+
+# The long-tail results table of BENCHMARKS.md (30 fine-tuning runs; about 90 min on 2 cores).
+longtail: setup
+	$(PY) benchmarks/longtail_table.py
 
 clean:
 	rm -rf output datasets/embedded_* .pytest_cache

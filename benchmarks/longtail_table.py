@@ -8,15 +8,16 @@ APc, APf, with the settings, wall time and commit. Every step is the project's o
 (pretrain_net.py, drcl-convert, train_net.py); finished runs are reused, so an interrupted table
 continues where it stopped.
 
-    python benchmarks/longtail_table.py                 # medium embedded set, 3 seeds (about 1 h on 2 cores)
+    python benchmarks/longtail_table.py                 # medium embedded set, 3 seeds (about 90 min on 2 cores)
     python benchmarks/longtail_table.py --quick         # tiny set, 1 seed, a few iterations (checks the plumbing)
+    python benchmarks/longtail_table.py --depth 50 --device cuda --size 512 --finetune-iters 1000 --jobs 1
+                                                        # the R-50 scale on a GPU
 
 Writes benchmarks/results/longtail_table.json and the "longtail" table of BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -38,9 +39,13 @@ SAMPLER_CONFIGS = {
     "RFS": "configs/embedded/mask_rcnn_R_18_FPN_rfs.yaml",
     "DRB": "configs/embedded/mask_rcnn_R_18_FPN_drb.yaml",
 }
+# "2DRCL backbone": the same 2DRCL pretraining converted with drcl-convert --backbone-only, so that
+# the row beside "2DRCL + DRB" separates what the pretrained ResNet brings from what the transferred
+# FPN / RPN / box head bring.
 CELLS = [("none", "uniform"), ("none", "RFS"), ("none", "DRB")] + [
     (start, sampler) for start in PRETRAIN_CONFIGS for sampler in ("RFS", "DRB")
-]
+] + [("2DRCL backbone", "DRB")]
+WALL_FILE = "wall_seconds.txt"  # written beside each finished run: the table adds them up
 METRICS = ("AP", "APr", "APc", "APf")
 
 
@@ -64,7 +69,12 @@ def run_all(jobs: list, workers: int, threads: int, what: str) -> None:
 
     def one(job):
         name, steps = job
-        return name, sum(run(cmd, log, threads) for cmd, log in steps)
+        seconds = sum(run(cmd, log, threads) for cmd, log in steps)
+        wall_file = os.path.join(os.path.dirname(steps[0][1]), WALL_FILE)
+        before = float(open(wall_file).read()) if os.path.exists(wall_file) else 0.0  # e.g. a later conversion
+        with open(wall_file, "w") as f:
+            f.write(f"{before + seconds:.1f}\n")
+        return name, seconds
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for future in as_completed([pool.submit(one, job) for job in jobs]):
@@ -89,6 +99,9 @@ def main():
     parser.add_argument("--pretrain-per-seed", action="store_true",
                         help="pretrain once per seed (default: once, with seed 0, shared by the fine-tuning seeds)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores / jobs threads)")
+    parser.add_argument("--depth", type=int, default=18, choices=(18, 50),
+                        help="ResNet depth; 50 also widens FPN and heads to detectron2's R50-FPN sizes")
+    parser.add_argument("--device", default="cpu", help="MODEL.DEVICE of every run (cuda: the R-50 scale)")
     parser.add_argument("--quick", action="store_true", help="tiny set, 1 seed, 3 iterations: checks the plumbing")
     args = parser.parse_args()
     if args.quick:
@@ -104,14 +117,18 @@ def main():
     data = os.path.join(out, f"data_{args.preset}")
     make_longtail_dataset(data, **PRESETS[args.preset])
     # Finished runs are reused only under the same settings: they live in a folder named by them.
-    runs_root = os.path.join(out, f"{args.preset}_{args.size}px_pre{args.pretrain_iters}_ft{args.finetune_iters}"
-                                  f"_det{args.detections}")
+    runs_root = os.path.join(out, f"{args.preset}_R{args.depth}_{args.size}px_pre{args.pretrain_iters}"
+                                  f"_ft{args.finetune_iters}_det{args.detections}")
     datasets = repr([["lt_train", f"{data}/lvis_v1_train.json", data], ["lt_val", f"{data}/lvis_v1_val.json", data]])
     common = ["DATASETS.LVIS_CUSTOM", datasets, "DATASETS.TRAIN", "('lt_train',)",
               "MODEL.ROI_HEADS.NUM_CLASSES", str(PRESETS[args.preset]["num_categories"]),
               "INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MIN_SIZE_TEST", str(args.size),
               "INPUT.MAX_SIZE_TRAIN", str(args.size * 5 // 4), "INPUT.MAX_SIZE_TEST", str(args.size * 5 // 4),
-              "DATALOADER.NUM_WORKERS", "1"]
+              "DATALOADER.NUM_WORKERS", "1", "MODEL.DEVICE", args.device]
+    if args.depth == 50:  # detectron2's R50-FPN widths (the embedded configs narrow them for R-18)
+        common += ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
+                   "MODEL.FPN.OUT_CHANNELS", "256", "MODEL.ROI_BOX_HEAD.FC_DIM", "1024",
+                   "MODEL.ROI_MASK_HEAD.CONV_DIM", "256"]
 
     def schedule(iters):
         return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, int(iters * 0.75))},)",
@@ -124,16 +141,23 @@ def main():
             run_dir = os.path.join(runs_root, f"pretrain_seed{seed}", method.replace(" ", "_"))
             converted = run_dir + ".pkl"
             weights[(method, seed)] = converted
-            if os.path.exists(converted):
-                continue
-            os.makedirs(run_dir, exist_ok=True)
-            pretrain_jobs.append((f"pretrain {method} seed {seed}", [
-                ([py, "pretrain_net.py", "--config-file", config, "OUTPUT_DIR", run_dir, "SEED", str(seed)]
-                 + common + schedule(args.pretrain_iters), os.path.join(run_dir, "stdout.log")),
-                ([py, "-m", "drcl_d2.checkpoint", os.path.join(run_dir, "model_final.pth"), converted,
-                  "--target-config", SAMPLER_CONFIGS["DRB"], "--opts"] + common,
-                 os.path.join(run_dir, "convert.log")),
-            ]))
+            steps = []
+            if not os.path.exists(os.path.join(run_dir, "model_final.pth")):
+                os.makedirs(run_dir, exist_ok=True)
+                steps.append(([py, "pretrain_net.py", "--config-file", config, "OUTPUT_DIR", run_dir,
+                               "SEED", str(seed)] + common + schedule(args.pretrain_iters),
+                              os.path.join(run_dir, "stdout.log")))
+            variants = [(converted, [], "convert.log")]
+            if method == "2DRCL":
+                weights[("2DRCL backbone", seed)] = run_dir + "_backbone.pkl"
+                variants.append((run_dir + "_backbone.pkl", ["--backbone-only"], "convert_backbone.log"))
+            for output, flags, log in variants:
+                if not os.path.exists(output):
+                    steps.append(([py, "-m", "drcl_d2.checkpoint", os.path.join(run_dir, "model_final.pth"),
+                                   output, "--target-config", SAMPLER_CONFIGS["DRB"]] + flags + ["--opts"]
+                                  + common, os.path.join(run_dir, log)))
+            if steps:
+                pretrain_jobs.append((f"pretrain {method} seed {seed}", steps))
     run_all(pretrain_jobs, args.jobs, threads, "pretraining + drcl-convert")
 
     finetune_dirs, finetune_jobs = {}, []
@@ -157,6 +181,11 @@ def main():
     run_all(finetune_jobs, args.jobs, threads, "fine-tuning + LVIS evaluation")
     results = {name: [read_final_metrics(os.path.join(d, "metrics.json")) for d in dirs]
                for name, dirs in finetune_dirs.items()}
+    run_dirs = [d for dirs in finetune_dirs.values() for d in dirs] + [
+        os.path.join(runs_root, f"pretrain_seed{seed}", method.replace(" ", "_"))
+        for seed in pretrain_seeds for method in PRETRAIN_CONFIGS]
+    run_seconds = sum(float(open(os.path.join(d, WALL_FILE)).read()) for d in run_dirs
+                      if os.path.exists(os.path.join(d, WALL_FILE)))
 
     def cell(runs, task, metric):
         values = [r[task][metric] for r in runs if r.get(task, {}).get(metric, -100.0) != -100.0]
@@ -169,13 +198,14 @@ def main():
     wall = time.time() - start_time
     settings = (f"embedded `{args.preset}` set ({PRESETS[args.preset]['num_train_images']} train / "
                 f"{PRESETS[args.preset]['num_val_images']} val images, {PRESETS[args.preset]['num_categories']} "
-                f"categories), Mask R-CNN R18-FPN from scratch or from the converted pretraining "
+                f"categories), Mask R-CNN R{args.depth}-FPN on {args.device} from scratch or from the converted pretraining "
                 f"({'one pretraining per seed' if args.pretrain_per_seed else 'one pretraining, seed 0, per method'}), "
                 f"{args.pretrain_iters} pretraining and {args.finetune_iters} fine-tuning iterations at batch 4, "
                 f"{args.size}-px images, {args.detections} detections per image, fine-tuning seeds {args.seeds}")
-    lines = ["## Long-tail results table (embedded dataset, CPU)", "",
+    lines = [f"## Long-tail results table (embedded dataset, R{args.depth}, {args.device})", "",
              f"`python benchmarks/longtail_table.py{' --quick' if args.quick else ''}` — {settings}; "
-             f"wall time {wall / 60:.0f} min on {env['cpu_count']} cores ({args.jobs} runs at a time); "
+             f"{len(run_dirs)} runs took {run_seconds / 60:.0f} min of run time, {args.jobs} at a time on "
+             f"{env['cpu_count']} cores (about {run_seconds / 60 / args.jobs:.0f} min of wall time); "
              f"commit {env['commit']}. "
              "Mean ± std over seeds; n/a = no detections in that group for every seed.", "",
              "| start + sampler | " + " | ".join(f"bbox {m}" for m in METRICS) + " | "
@@ -184,10 +214,12 @@ def main():
     for name, runs in results.items():
         lines.append(f"| {name} | " + " | ".join(cell(runs, "bbox", m) for m in METRICS) + " | "
                      + " | ".join(cell(runs, "segm", m) for m in METRICS) + " |")
-    write_result("longtail_table" + ("_quick" if args.quick else ""),
-                 {"settings": settings, "seeds": args.seeds, "runs": results, "wall_seconds": wall, "env": env})
+    write_result("longtail_table" + ("" if args.device == "cpu" else f"_{args.device}_R{args.depth}")
+                 + ("_quick" if args.quick else ""),
+                 {"settings": settings, "seeds": args.seeds, "runs": results, "run_seconds": run_seconds,
+                  "jobs": args.jobs, "invocation_seconds": wall, "env": env})
     if not args.quick:
-        update_benchmarks_md("longtail", "\n".join(lines))
+        update_benchmarks_md("longtail" if args.device == "cpu" else f"longtail_{args.device}", "\n".join(lines))
     print("\n".join(lines))
 
 
