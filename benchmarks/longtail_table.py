@@ -18,6 +18,7 @@ Writes benchmarks/results/longtail_table.json and the "longtail" table of BENCHM
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import statistics
 import subprocess
@@ -60,8 +61,16 @@ def run(cmd: list[str], log: str, threads: int) -> float:
     return time.time() - begin
 
 
-def run_all(jobs: list, workers: int, threads: int, what: str) -> None:
-    """Runs (name, [(cmd, log), ...]) jobs, WORKERS at a time, printing progress with an ETA."""
+def drop_checkpoints(run_dir: str, keep_final: bool) -> None:
+    """Frees the disk a finished run no longer needs (the 33 runs write about 9 GB of checkpoints)."""
+    for path in glob.glob(os.path.join(run_dir, "model_*.pth")):
+        if not (keep_final and path.endswith("model_final.pth")):
+            os.remove(path)
+
+
+def run_all(jobs: list, workers: int, threads: int, what: str, keep: str) -> None:
+    """Runs (name, [(cmd, log), ...]) jobs, WORKERS at a time, printing progress with an ETA.
+    KEEP: "all" checkpoints, only the "final" one, or "none" once a run has finished."""
     if not jobs:
         return
     begin, done = time.time(), 0
@@ -74,6 +83,8 @@ def run_all(jobs: list, workers: int, threads: int, what: str) -> None:
         before = float(open(wall_file).read()) if os.path.exists(wall_file) else 0.0  # e.g. a later conversion
         with open(wall_file, "w") as f:
             f.write(f"{before + seconds:.1f}\n")
+        if keep != "all":
+            drop_checkpoints(os.path.dirname(wall_file), keep_final=keep == "final")
         return name, seconds
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -102,6 +113,9 @@ def main():
     parser.add_argument("--depth", type=int, default=18, choices=(18, 50),
                         help="ResNet depth; 50 also widens FPN and heads to detectron2's R50-FPN sizes")
     parser.add_argument("--device", default="cpu", help="MODEL.DEVICE of every run (cuda: the R-50 scale)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every checkpoint (default: only the final pretraining ones; results are in "
+                             "each run's metrics.json)")
     parser.add_argument("--quick", action="store_true", help="tiny set, 1 seed, 3 iterations: checks the plumbing")
     args = parser.parse_args()
     if args.quick:
@@ -158,7 +172,9 @@ def main():
                                   + common, os.path.join(run_dir, log)))
             if steps:
                 pretrain_jobs.append((f"pretrain {method} seed {seed}", steps))
-    run_all(pretrain_jobs, args.jobs, threads, "pretraining + drcl-convert")
+    # The final pretraining checkpoint stays: a later conversion (or a new start row) reads it.
+    run_all(pretrain_jobs, args.jobs, threads, "pretraining + drcl-convert",
+            "all" if args.keep_checkpoints else "final")
 
     finetune_dirs, finetune_jobs = {}, []
     for seed in args.seeds:
@@ -178,7 +194,8 @@ def main():
                   "TEST.DETECTIONS_PER_IMAGE", str(args.detections)] + common + schedule(args.finetune_iters),
                  os.path.join(run_dir, "stdout.log")),
             ]))
-    run_all(finetune_jobs, args.jobs, threads, "fine-tuning + LVIS evaluation")
+    run_all(finetune_jobs, args.jobs, threads, "fine-tuning + LVIS evaluation",
+            "all" if args.keep_checkpoints else "none")
     results = {name: [read_final_metrics(os.path.join(d, "metrics.json")) for d in dirs]
                for name, dirs in finetune_dirs.items()}
     run_dirs = [d for dirs in finetune_dirs.values() for d in dirs] + [
