@@ -215,7 +215,8 @@ def main():
     wall = time.time() - start_time
     settings = (f"embedded `{args.preset}` set ({PRESETS[args.preset]['num_train_images']} train / "
                 f"{PRESETS[args.preset]['num_val_images']} val images, {PRESETS[args.preset]['num_categories']} "
-                f"categories), Mask R-CNN R{args.depth}-FPN on {args.device} from scratch or from the converted pretraining "
+                f"categories), Mask R-CNN R{args.depth}-FPN on {args.device} from scratch or from the converted "
+                f"pretraining "
                 f"({'one pretraining per seed' if args.pretrain_per_seed else 'one pretraining, seed 0, per method'}), "
                 f"{args.pretrain_iters} pretraining and {args.finetune_iters} fine-tuning iterations at batch 4, "
                 f"{args.size}-px images, {args.detections} detections per image, fine-tuning seeds {args.seeds}")
