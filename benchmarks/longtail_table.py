@@ -123,6 +123,7 @@ def main():
         args.output = args.output.rstrip("/") + "_quick"
 
     from drcl_d2.data.synthetic import PRESETS, make_longtail_dataset
+    from drcl_d2.tools.demo import short_schedule
     from drcl_d2.tools.plots import read_final_metrics
 
     py, start_time = sys.executable, time.time()
@@ -144,22 +145,19 @@ def main():
                    "MODEL.FPN.OUT_CHANNELS", "256", "MODEL.ROI_BOX_HEAD.FC_DIM", "1024",
                    "MODEL.ROI_MASK_HEAD.CONV_DIM", "256"]
 
-    def schedule(iters):
-        return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, int(iters * 0.75))},)",
-                "SOLVER.WARMUP_ITERS", str(min(iters, 20)), "SOLVER.CHECKPOINT_PERIOD", str(iters)]
-
     pretrain_seeds = args.seeds if args.pretrain_per_seed else [0]
-    weights, pretrain_jobs = {}, []
+    weights, pretrain_dirs, pretrain_jobs = {}, [], []
     for seed in pretrain_seeds:
         for method, config in PRETRAIN_CONFIGS.items():
             run_dir = os.path.join(runs_root, f"pretrain_seed{seed}", method.replace(" ", "_"))
+            pretrain_dirs.append(run_dir)
             converted = run_dir + ".pkl"
             weights[(method, seed)] = converted
             steps = []
             if not os.path.exists(os.path.join(run_dir, "model_final.pth")):
                 os.makedirs(run_dir, exist_ok=True)
                 steps.append(([py, "pretrain_net.py", "--config-file", config, "OUTPUT_DIR", run_dir,
-                               "SEED", str(seed)] + common + schedule(args.pretrain_iters),
+                               "SEED", str(seed)] + common + short_schedule(args.pretrain_iters),
                               os.path.join(run_dir, "stdout.log")))
             variants = [(converted, [], "convert.log")]
             if method == "2DRCL":
@@ -191,16 +189,15 @@ def main():
             finetune_jobs.append((f"{start} + {sampler} seed {seed}", [
                 ([py, "train_net.py", "--config-file", SAMPLER_CONFIGS[sampler], "OUTPUT_DIR", run_dir,
                   "SEED", str(seed), "MODEL.WEIGHTS", init, "DATASETS.TEST", "('lt_val',)",
-                  "TEST.DETECTIONS_PER_IMAGE", str(args.detections)] + common + schedule(args.finetune_iters),
+                  "TEST.DETECTIONS_PER_IMAGE", str(args.detections)]
+                 + common + short_schedule(args.finetune_iters),
                  os.path.join(run_dir, "stdout.log")),
             ]))
     run_all(finetune_jobs, args.jobs, threads, "fine-tuning + LVIS evaluation",
             "all" if args.keep_checkpoints else "none")
     results = {name: [read_final_metrics(os.path.join(d, "metrics.json")) for d in dirs]
                for name, dirs in finetune_dirs.items()}
-    run_dirs = [d for dirs in finetune_dirs.values() for d in dirs] + [
-        os.path.join(runs_root, f"pretrain_seed{seed}", method.replace(" ", "_"))
-        for seed in pretrain_seeds for method in PRETRAIN_CONFIGS]
+    run_dirs = [d for dirs in finetune_dirs.values() for d in dirs] + pretrain_dirs
     run_seconds = sum(float(open(os.path.join(d, WALL_FILE)).read()) for d in run_dirs
                       if os.path.exists(os.path.join(d, WALL_FILE)))
 

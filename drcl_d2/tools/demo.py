@@ -53,8 +53,9 @@ def write_figures(args, data: str, opts: list[str], weights: list[str]) -> dict:
     )
 
 
-def _schedule(iters: int | None) -> list[str]:
-    """Config overrides for a shorter run (tests): MAX_ITER, one LR step, warmup, final checkpoint."""
+def short_schedule(iters: int | None) -> list[str]:
+    """Config overrides for a shorter run (tests, the long-tail table): MAX_ITER, one LR step at 75 %,
+    at most 20 warm-up iterations, a checkpoint only at the end. None: the config's own schedule."""
     if iters is None:
         return []
     return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, int(iters * 0.75))},)",
@@ -94,13 +95,13 @@ def main(argv=None) -> int:
     if not args.no_pretrain:
         pre_out = os.path.join(args.output, "pretrain")
         run([py, "pretrain_net.py", "--config-file", args.pretrain_config, "OUTPUT_DIR", pre_out]
-            + common + _schedule(args.pretrain_iters) + extra)
+            + common + short_schedule(args.pretrain_iters) + extra)
         converted = os.path.join(args.output, "drcl_converted.pkl")
         run([py, "-m", "drcl_d2.checkpoint", os.path.join(pre_out, "model_final.pth"), converted,
              "--target-config", args.config, "--opts"] + common + extra)
         weights = ["MODEL.WEIGHTS", converted]
     run([py, "train_net.py", "--config-file", args.config, "OUTPUT_DIR", os.path.join(args.output, "finetune")]
-        + common + weights + _schedule(args.iters) + extra)
+        + common + weights + short_schedule(args.iters) + extra)
 
     figures = write_figures(args, data, common + extra, weights)
     results = read_final_metrics(os.path.join(ROOT, args.output, "finetune", "metrics.json"))
