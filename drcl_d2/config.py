@@ -105,11 +105,25 @@ def _add_drcl_model_config(cfg: CN) -> None:
     # Appearance reconstruction: decoder output stride (choice) and width.
     cfg.MODEL.DRCL.DECODER_STRIDE = 4
     cfg.MODEL.DRCL.DECODER_DIM = 128
+    # Norm before the decoder's ReLU (choice: "GN"; "" is the earlier unnormalised block, whose
+    # ReLUs all died within tens of iterations, SPEC §7).
+    cfg.MODEL.DRCL.DECODER_NORM = "GN"
     # Semantic reconstruction: masked patches of the reconstruction (choice: 32 px, ratio 0.5),
     # compared with the target's maps on these FPN levels (choice: all of them).
     cfg.MODEL.DRCL.SR_PATCH_SIZE = 32
     cfg.MODEL.DRCL.SR_MASK_RATIO = 0.5
     cfg.MODEL.DRCL.SR_IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    # How SR normalises the maps it compares (choice): "spatial" standardises every channel over
+    # space (instance norm), so a per-channel offset or a rescale of the FPN cannot lower SR;
+    # "channel" is L2 over channels per position, which a per-channel offset satisfies (SPEC §7).
+    cfg.MODEL.DRCL.SR_NORM = "spatial"
+    # Queue keys carry their image id; keys of the query's own image are never negatives (HCL and
+    # LCL). DRB repeats rare images, so without this up to a third of their queries meet themselves.
+    cfg.MODEL.DRCL.EXCLUDE_SAME_IMAGE = True
+    # Iterations between health measurements logged under health/ (decoder active share,
+    # reconstruction-input correlation, offset-free SR, FPN std per level, fc7 norm, queue
+    # self-negative rate); -1: PRETRAIN.LOG_PERIOD, 0: off.
+    cfg.MODEL.DRCL.HEALTH_PERIOD = -1
 
 
 def _add_detco_config(cfg: CN) -> None:

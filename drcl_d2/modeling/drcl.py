@@ -9,14 +9,23 @@ box set (drcl_d2.data.two_view). Losses (SPEC §2):
     HCL  holistic InfoNCE on global embeddings, target keys of the other view, queue negatives
     LCL  the same on box embeddings (RoIAlign -> box head), other boxes + box queue as negatives
     AR   ||x - g(f(x))||², decoder g from the FPN to the normalised image at stride 4
-    SR   Σ_p ||f(x) - f(M(g(f(x))))||² on L2-normalised channels, target maps of x as f(x)
+    SR   Σ_p ||f(x) - f(M(g(f(x))))||² on maps standardised per channel over space (SR_NORM),
+         target maps of x as f(x)
     RPN  the boxes as class-agnostic ground truth
+
+Designed-out failure modes (SPEC §7), each with a health signal logged under `health/`:
+- the decoder has a norm before its ReLU (dead decoder): decoder_active, recon_corr;
+- SR compares maps standardised per channel over space, so a per-channel offset or a rescale
+  cannot lower it (SR shortcut): sr_centered, fpn_<level>_std / _mean_spread;
+- queue keys carry their image id and a query never meets its own image among the negatives
+  (self-negatives under DRB): hcl_self_negatives, lcl_self_negatives; fc7_norm.
 
 Dynamic Rebalancing is the data sampler (DATALOADER.SAMPLER_TRAIN), not part of this module.
 """
 from __future__ import annotations
 
 import copy
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +38,8 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .heads import MLPHead, ReconstructionDecoder
-from .losses import info_nce, info_nce_with_batch_negatives, l2_normalized_mse
+from .losses import (info_nce, info_nce_with_batch_negatives, l2_normalized_mse, same_image_mask,
+                     spatially_normalized_mse)
 from .momentum import FeatureQueue, concat_all_gather, copy_params, cosine_momentum, gather_variable, momentum_update
 
 __all__ = ["DRCL", "BoxFeatureHead"]
@@ -86,6 +96,26 @@ def _valid_mean(feature: torch.Tensor, image_sizes, stride: int) -> torch.Tensor
     return torch.stack(pooled)
 
 
+def _image_id_tensor(batched_inputs, device) -> torch.Tensor:
+    """The dataset's image ids (N,) int64: rank-independent, so a key keeps its identity in the
+    gathered queue. Non-integer ids (file names) are hashed; a missing id is -1 (never excluded)."""
+    ids = []
+    for x in batched_inputs:
+        image_id = x.get("image_id", -1)
+        try:
+            ids.append(int(image_id))
+        except (TypeError, ValueError):
+            ids.append(zlib.crc32(str(image_id).encode()))
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _batch_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of a and b (N, ...) per sample, averaged over the batch (a scalar)."""
+    a, b = a.flatten(1), b.flatten(1)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)).mean()
+
+
 @META_ARCH_REGISTRY.register()
 class DRCL(nn.Module):
     @configurable
@@ -110,6 +140,9 @@ class DRCL(nn.Module):
         sr_in_features: list[str] = ("p2", "p3", "p4", "p5", "p6"),
         sr_patch_size: int = 32,
         sr_mask_ratio: float = 0.5,
+        sr_norm: str = "spatial",
+        exclude_same_image: bool = True,
+        health_period: int = 20,
         depth: int = 50,
     ):
         """
@@ -124,6 +157,12 @@ class DRCL(nn.Module):
             loss_weights: {"hcl", "lcl", "ar", "sr", "rpn"} -> λ; 0 switches a term off.
             base_momentum, max_iter: EMA momentum, rising from base to 1 on a cosine over max_iter.
             sr_in_features, sr_patch_size, sr_mask_ratio: semantic reconstruction's levels and mask M.
+            sr_norm: how SR's compared maps are normalised: "spatial" (each channel standardised
+                over space; immune to per-channel offsets and rescaling) or "channel" (L2 over
+                channels per position, the earlier form, which an FPN offset can satisfy).
+            exclude_same_image: leave queue keys (and other batch entries) of the query's own image
+                out of the negatives of HCL and LCL.
+            health_period: iterations between health measurements (0: never).
         """
         super().__init__()
         self.backbone = backbone
@@ -153,6 +192,11 @@ class DRCL(nn.Module):
         self.sr_strides = {f: shapes[f].stride for f in self.sr_in_features}
         self.sr_patch_size = sr_patch_size
         self.sr_mask_ratio = sr_mask_ratio
+        if sr_norm not in ("spatial", "channel"):
+            raise ValueError(f"MODEL.DRCL.SR_NORM must be 'spatial' or 'channel', got {sr_norm!r}")
+        self.sr_norm = sr_norm
+        self.exclude_same_image = exclude_same_image
+        self.health_period = health_period
         self.depth = depth
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -170,7 +214,7 @@ class DRCL(nn.Module):
             "backbone": backbone,
             "proposal_generator": build_proposal_generator(cfg, shapes),
             "roi_heads": BoxFeatureHead(box["box_in_features"], box["box_pooler"], box["box_head"]),
-            "decoder": ReconstructionDecoder(shapes, decoder_in, d.DECODER_DIM, d.DECODER_STRIDE),
+            "decoder": ReconstructionDecoder(shapes, decoder_in, d.DECODER_DIM, d.DECODER_STRIDE, d.DECODER_NORM),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "hcl_in_feature": d.HCL_IN_FEATURE,
@@ -186,6 +230,9 @@ class DRCL(nn.Module):
             "sr_in_features": d.SR_IN_FEATURES,
             "sr_patch_size": d.SR_PATCH_SIZE,
             "sr_mask_ratio": d.SR_MASK_RATIO,
+            "sr_norm": d.SR_NORM,
+            "exclude_same_image": d.EXCLUDE_SAME_IMAGE,
+            "health_period": d.HEALTH_PERIOD if d.HEALTH_PERIOD >= 0 else cfg.PRETRAIN.LOG_PERIOD,
             "depth": cfg.MODEL.RESNETS.DEPTH,
         }
 
@@ -236,14 +283,26 @@ class DRCL(nn.Module):
         return ImageList.from_tensors(images, self.backbone.size_divisibility,
                                       padding_constraints=self.backbone.padding_constraints)
 
+    def _health_due(self) -> bool:
+        """True on the iterations whose metrics the PeriodicWriter writes ((iter + 1) % period == 0)."""
+        if self.health_period <= 0:
+            return False
+        try:
+            iteration = get_event_storage().iter
+        except AssertionError:  # outside a trainer (unit tests)
+            return False
+        return (iteration + 1) % self.health_period == 0 or iteration + 1 == self.max_iter
+
     def forward(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
         if not self.training:
             raise RuntimeError("DRCL is a pretraining model; convert it (drcl-convert) to run a detector")
         w = self.loss_weights
+        health = {} if self._health_due() else None  # name -> 0-d tensor, logged under health/
         images_1 = self._images(batched_inputs, "image_v1")  # (N, 3, H, W), normalised, padded
         images_2 = self._images(batched_inputs, "image_v2")
         boxes_1 = [x["boxes_v1"].to(self.device) for x in batched_inputs]  # per image (n_i, 4) XYXY
         boxes_2 = [x["boxes_v2"].to(self.device) for x in batched_inputs]
+        image_ids = _image_id_tensor(batched_inputs, self.device)  # (N,)
 
         feats_1 = self.backbone(images_1.tensor)  # {p2..p6: (N, 256, H/s, W/s)}
         feats_2 = self.backbone(images_2.tensor)
@@ -253,32 +312,38 @@ class DRCL(nn.Module):
 
         losses, new_keys = {}, {}
         if w["hcl"] > 0:
-            loss, new_keys["hcl"] = self._holistic_loss(images_1, images_2, feats_1, feats_2, target_1, target_2)
+            loss, new_keys["hcl"] = self._holistic_loss(images_1, images_2, feats_1, feats_2, target_1, target_2,
+                                                        image_ids, health)
             losses["loss_hcl"] = w["hcl"] * loss
         if w["lcl"] > 0:
-            loss, new_keys["lcl"] = self._local_loss(feats_1, feats_2, target_1, target_2, boxes_1, boxes_2)
+            loss, new_keys["lcl"] = self._local_loss(feats_1, feats_2, target_1, target_2, boxes_1, boxes_2,
+                                                     image_ids, health)
             losses["loss_lcl"] = w["lcl"] * loss
         if w["rpn"] > 0:
             gt = [Instances(size, gt_boxes=Boxes(b)) for size, b in zip(images_1.image_sizes, boxes_1)]
             _, rpn_losses = self.proposal_generator(images_1, feats_1, gt)
             losses.update({k: v * w["rpn"] for k, v in rpn_losses.items()})
         if w["ar"] > 0 or w["sr"] > 0:
-            recon = self.decoder(feats_1)  # (N, 3, H/4, W/4) in normalised pixel space
+            recon, hidden = self.decoder(feats_1, return_hidden=True)  # (N, 3, H/4, W/4) normalised pixels
             if w["ar"] > 0:
                 losses["loss_ar"] = w["ar"] * self._appearance_loss(recon, images_1)
             if w["sr"] > 0:
-                losses["loss_sr"] = w["sr"] * self._semantic_loss(recon, images_1, target_1, batched_inputs)
+                losses["loss_sr"] = w["sr"] * self._semantic_loss(recon, images_1, target_1, batched_inputs, health)
+            if health is not None:
+                self._decoder_health(recon, hidden, images_1, health)
+        if health is not None:
+            self._put_health(feats_1, boxes_1, health)
 
-        # Queues advance after the losses used them, with the keys of all ranks (gathered above);
-        # FeatureQueue never stores non-finite keys.
+        # Queues advance after the losses used them, with the keys and image ids of all ranks
+        # (gathered above); FeatureQueue never stores non-finite keys.
         if "hcl" in new_keys:
-            self.queue_hcl.enqueue(new_keys["hcl"])
+            self.queue_hcl.enqueue(*new_keys["hcl"])
         if "lcl" in new_keys:
-            self.queue_lcl.enqueue(new_keys["lcl"])
+            self.queue_lcl.enqueue(*new_keys["lcl"])
         return losses
 
-    def _holistic_loss(self, images_1, images_2, feats_1, feats_2, target_1, target_2):
-        """HCL, symmetric over the views. Returns (loss, keys of all ranks to enqueue (2·N_global, D))."""
+    def _holistic_loss(self, images_1, images_2, feats_1, feats_2, target_1, target_2, image_ids, health):
+        """HCL, symmetric over the views. Returns (loss, (keys (2·N_global, D), their image ids))."""
         f, s = self.hcl_in_feature, self.hcl_stride
         n = len(images_1.image_sizes)
         # Both views go through the MLPs as one batch of 2N: their BatchNorm then always sees >= 2
@@ -290,20 +355,32 @@ class DRCL(nn.Module):
             pooled_t = torch.cat([_valid_mean(target_1[f], images_1.image_sizes, s),
                                   _valid_mean(target_2[f], images_2.image_sizes, s)])
             k1, k2 = F.normalize(self.target.hcl_projector(pooled_t), dim=1).split(n)
+            all_ids = concat_all_gather(image_ids)  # (N_global,)
         queue = self.queue_hcl.keys.clone()
-        loss = 0.5 * (info_nce(z1, k2, queue, self.temperature) + info_nce(z2, k1, queue, self.temperature))
+        own = same_image_mask(image_ids, self.queue_hcl.ids.clone())  # (N, K): stale keys of the same image
+        if health is not None:
+            health["hcl_self_negatives"] = own.any(dim=1).float().mean()
+        exclude = own if self.exclude_same_image else None
+        loss = 0.5 * (info_nce(z1, k2, queue, self.temperature, exclude)
+                      + info_nce(z2, k1, queue, self.temperature, exclude))
         # View-1 keys of all ranks, then view-2 keys: the queue order of a single-process run.
-        return loss, torch.cat([concat_all_gather(k1), concat_all_gather(k2)])
+        return loss, (torch.cat([concat_all_gather(k1), concat_all_gather(k2)]), torch.cat([all_ids, all_ids]))
 
-    def _local_loss(self, feats_1, feats_2, target_1, target_2, boxes_1, boxes_2):
+    def _local_loss(self, feats_1, feats_2, target_1, target_2, boxes_1, boxes_2, image_ids, health):
         """LCL on boxes: box i of view 1 against box i of view 2 (target), symmetric.
 
-        Negatives: the other boxes of the global batch (gathered from all ranks) and the box queue.
-        Returns (loss, keys of the whole batch to enqueue (2·M_global, D)).
+        Negatives: the other boxes of the global batch (gathered from all ranks) and the box queue,
+        except keys of the query's own image that are not its own view pair: stale queue keys of
+        the image, and the boxes of another copy of the image in this batch (DRB repeats images).
+        The other boxes of the same view pair stay negatives: they are other objects.
+        Returns (loss, (keys of the whole batch to enqueue (2·M_global, D), their image ids)).
         """
-        m = sum(len(b) for b in boxes_1)
+        counts = [len(b) for b in boxes_1]
+        m = sum(counts)
         # Both views' boxes through the MLPs as one batch of 2M (see _holistic_loss).
         box_feats = torch.cat([self.roi_heads(feats_1, boxes_1), self.roi_heads(feats_2, boxes_2)])  # (2M, C)
+        if health is not None:
+            health["fc7_norm"] = box_feats.detach().norm(dim=1).mean() if m else box_feats.new_zeros(())
         q1, q2 = F.normalize(self.lcl_predictor(self.lcl_projector(box_feats)), dim=1).split(m)  # (M, D) each
         with torch.no_grad():
             t = self.target
@@ -311,15 +388,28 @@ class DRCL(nn.Module):
             k1, k2 = F.normalize(t.lcl_projector(box_feats_t), dim=1).split(m)  # (M, D) each
             (all_k1, sizes), (all_k2, _) = gather_variable(k1), gather_variable(k2)  # (M_global, D)
             offset = sum(sizes[: comm.get_rank()])  # this rank's first box in the gathered list
+            # Per box: its image id and its batch entry (global index of the view pair).
+            per_box = torch.repeat_interleave(torch.arange(len(counts), device=self.device),
+                                              torch.tensor(counts, device=self.device))  # (M,)
+            entry = per_box + comm.get_rank() * len(counts)
+            box_ids = image_ids[per_box]
+            all_ids, _ = gather_variable(torch.stack([box_ids, entry], dim=1))  # (M_global, 2)
         queue = self.queue_lcl.keys.clone()
+        own_queue = same_image_mask(box_ids, self.queue_lcl.ids.clone())  # (M, K)
+        own_batch = same_image_mask(box_ids, all_ids[:, 0]) & (entry[:, None] != all_ids[None, :, 1])  # (M, M_all)
+        if health is not None:
+            health["lcl_self_negatives"] = (own_queue.any(1) | own_batch.any(1)).float().mean() if m \
+                else box_feats.new_zeros(())
+        if not self.exclude_same_image:
+            own_queue = own_batch = None
         positives = torch.arange(q1.shape[0], device=q1.device) + offset
-        loss = 0.5 * (info_nce_with_batch_negatives(q1, all_k2, positives, queue, self.temperature)
-                      + info_nce_with_batch_negatives(q2, all_k1, positives, queue, self.temperature))
+        loss = 0.5 * (info_nce_with_batch_negatives(q1, all_k2, positives, queue, self.temperature, own_batch, own_queue)
+                      + info_nce_with_batch_negatives(q2, all_k1, positives, queue, self.temperature, own_batch, own_queue))
         # Ranks hold different numbers of boxes; DDP averages gradients over ranks. Scaling the
         # local mean by M_local·W / M_global makes that average the mean over every box of the
         # global batch, as a single process would compute it.
         loss = loss * (q1.shape[0] * comm.get_world_size() / max(all_k1.shape[0], 1))
-        return loss, torch.cat([all_k1, all_k2])
+        return loss, (torch.cat([all_k1, all_k2]), torch.cat([all_ids[:, 0], all_ids[:, 0]]))
 
     def _appearance_loss(self, recon, images):
         """L_AR: mean squared error to the normalised input average-pooled to the decoder's stride."""
@@ -354,16 +444,49 @@ class DRCL(nn.Module):
         mask = torch.stack(masks).to(self.device)
         return F.interpolate(mask, scale_factor=p, mode="nearest")[:, :, :h, :w]
 
-    def _semantic_loss(self, recon, images, target_1, batched_inputs):
-        """L_SR = Σ_p ||f(x) - f(M(g(f(x))))||² with f(x) from the target (stop-gradient)."""
+    def _semantic_loss(self, recon, images, target_1, batched_inputs, health=None):
+        """L_SR = Σ_p ||f(x) - f(M(g(f(x))))||² with f(x) from the target (stop-gradient), each
+        map normalised as SR_NORM says before the squared distance (see spatially_normalized_mse)."""
         full = F.interpolate(recon, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
         masked = full * self._semantic_mask(batched_inputs, full.shape)  # masked patches -> mean pixel (0)
         feats = self.backbone(masked)  # gradients reach g and f
-        total = 0.0
+        distance = spatially_normalized_mse if self.sr_norm == "spatial" else l2_normalized_mse
+        total, centered = 0.0, 0.0
         for level in self.sr_in_features:
             s = self.sr_strides[level]
             for i, (h, w) in enumerate(images.image_sizes):
                 hs, ws = max(1, -(-h // s)), max(1, -(-w // s))
-                total = total + l2_normalized_mse(feats[level][i: i + 1, :, :hs, :ws],
-                                                  target_1[level][i: i + 1, :, :hs, :ws]) / len(images.image_sizes)
+                online = feats[level][i: i + 1, :, :hs, :ws]  # (1, C, hs, ws)
+                target = target_1[level][i: i + 1, :, :hs, :ws]
+                total = total + distance(online, target) / len(images.image_sizes)
+                if health is not None:  # the channel-L2 form with each map's per-channel offset removed
+                    with torch.no_grad():
+                        centered = centered + l2_normalized_mse(
+                            online - online.mean(dim=(2, 3), keepdim=True),
+                            target - target.mean(dim=(2, 3), keepdim=True)) / len(images.image_sizes)
+        if health is not None:
+            health["sr_centered"] = centered
         return total
+
+    # ---- health signals (SPEC §7): what a falling loss cannot show ----------------------------
+    @torch.no_grad()
+    def _decoder_health(self, recon, hidden, images, health):
+        """Share of live ReLUs in the decoder, correlation of g(f(x)) with the input at its stride,
+        and the reconstruction's spatial std (0 for a constant image)."""
+        stride = self.decoder.out_stride
+        target = F.avg_pool2d(images.tensor, stride)
+        h, w = (min(hw) for hw in zip(*images.image_sizes))
+        h, w = max(1, h // stride), max(1, w // stride)  # the region every image fills
+        health["decoder_active"] = (hidden > 0).float().mean()
+        health["recon_corr"] = _batch_correlation(recon[:, :, :h, :w], target[:, :, :h, :w])
+        health["recon_spatial_std"] = recon[:, :, :h, :w].flatten(2).std(dim=2).mean()
+
+    @torch.no_grad()
+    def _put_health(self, feats, boxes, health):
+        """FPN output scale per level (std, and the spread of per-channel means: an offset shows
+        there), then everything measured this step into the event storage under health/."""
+        for level, x in feats.items():
+            health[f"fpn_{level}_std"] = x.std()
+            health[f"fpn_{level}_mean_spread"] = x.mean(dim=(0, 2, 3)).std()
+        get_event_storage().put_scalars(**{f"health/{k}": float(v) for k, v in health.items()},
+                                        smoothing_hint=False)

@@ -51,7 +51,9 @@ class FeatureQueue(nn.Module):
     """A FIFO of L2-normalised embeddings (K, D) with a write pointer, both checkpointed buffers.
 
     The queue starts filled with random unit vectors (as MoCo does) so InfoNCE has K negatives
-    from the first step; `num_filled` counts real keys written so far.
+    from the first step; `num_filled` counts real keys written so far. `ids` (K,) holds the image id
+    each key came from (-1: an initial random key, or a key enqueued without ids), so a loss can
+    leave out the stale keys of a query's own image (SPEC §7: DRB repeats rare images).
     """
 
     def __init__(self, size: int, dim: int):
@@ -62,19 +64,26 @@ class FeatureQueue(nn.Module):
         self.register_buffer("keys", nn.functional.normalize(torch.randn(size, dim), dim=1))  # (K, D)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))  # (K,) image id per key
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write keys (N, D), already gathered from all ranks, at the pointer, wrapping around.
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Write keys (N, D), already gathered from all ranks, at the pointer, wrapping around;
+        ids (N,) the image id of each key (None: -1).
 
         Non-finite keys are never written: a diverging step must not poison the queue.
         """
         if keys.numel() == 0 or not torch.isfinite(keys).all():
             return
-        keys = keys[-self.size:]  # more keys than slots: the newest win
+        if ids is None:
+            ids = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
+        if ids.shape[0] != keys.shape[0]:
+            raise ValueError(f"{keys.shape[0]} keys but {ids.shape[0]} ids")
+        keys, ids = keys[-self.size:], ids[-self.size:]  # more keys than slots: the newest win
         n, p = keys.shape[0], int(self.ptr)
         idx = (torch.arange(n, device=keys.device) + p) % self.size
         self.keys[idx] = keys.to(self.keys.dtype)
+        self.ids[idx] = ids.to(self.ids.device, torch.long)
         self.ptr.fill_((p + n) % self.size)
         self.num_filled.fill_(min(self.size, int(self.num_filled) + n))
 
