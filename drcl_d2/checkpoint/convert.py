@@ -21,7 +21,12 @@ output with full names for one architecture (``--target-arch fpn|c4``) is loaded
 
 With ``--target-config`` the output is loaded with DetectionCheckpointer into the detector that
 config builds (on CPU) and every transferred tensor is checked at its destination before the output
-replaces anything. The Python entry point is :func:`convert_checkpoint`.
+replaces anything. The command then measures the transfer scale (:mod:`drcl_d2.checkpoint.scale`):
+the detector with the output loaded against the same detector freshly initialised, on
+``--scale-images`` test-time-resized images of the config's dataset (or ``--scale-dataset``):
+FPN std per level, box-head (fc7) norm, fresh-classifier logits and RPN objectness. It prints a
+table and warnings for scales outside the goal (warnings only: the exit status stays 0) and writes
+the numbers to ``OUTPUT.scale.json``. The Python entry point is :func:`convert_checkpoint`.
 """
 from __future__ import annotations
 
@@ -994,6 +999,16 @@ only read. The report lists per module (backbone, fpn, rpn, box_head, other) the
 dropped and (with --target-config) missing keys. Exit status 1 when the input is unknown or
 unreadable, when nothing transfers, or when the output does not fit the target config (a depth
 mismatch, a wrong shape, a key the model does not have).
+
+With --target-config the transfer scale is measured after the conversion: the target detector with
+OUTPUT loaded and the same detector freshly initialised (same seed, CPU, normalisation layers in
+training mode as in the first fine-tuning iterations) run on --scale-images test-time-resized
+images of the config's DATASETS.TEST[0] (else TRAIN[0]; or --scale-dataset). The table compares
+the FPN output std and per-channel-mean spread per level, the box head's (fc7) L2 norm per
+ground-truth box, the fresh box classifier's logits on those features and the RPN objectness
+logits. Warnings (printed, exit status still 0): an FPN std ratio converted/fresh outside
+[0.8, 1.2], an fc7 norm ratio above 4, a converted max |classifier logit| of 2 or more. The numbers
+go to OUTPUT.scale.json. A dataset that cannot be loaded skips the measurement (with a message).
 """
 
 _EPILOG = """\
@@ -1014,7 +1029,9 @@ examples:
   # torchvision ResNet-101, full names for an FPN model
   drcl-convert resnet101-63fe2227.pth r101_torchvision.pth --target-arch fpn
 
-then fine-tune with MODEL.WEIGHTS drcl_r50.pkl.
+then fine-tune with MODEL.WEIGHTS drcl_r50.pkl. With --target-config the transfer-scale table follows
+the report and drcl_r50.pkl.scale.json holds its numbers; --scale-dataset lvis_v1_val picks the
+images, --scale-images 0 skips it.
 
 torchvision and MoCo weights come from a torchvision ResNet (stride in the 3x3 conv, RGB input,
 torchvision normalisation): the fine-tuning config must set
@@ -1054,15 +1071,127 @@ def build_parser() -> argparse.ArgumentParser:
         help="transfer only the ResNet of a drcl checkpoint (e.g. for a C4 detector)",
     )
     p.add_argument(
+        "--scale-images", type=int, default=4, metavar="N",
+        help="with --target-config: images to measure the transfer scale on (default: 4; "
+        "0 disables the measurement and OUTPUT.scale.json)",
+    )
+    p.add_argument(
+        "--scale-dataset", metavar="NAME",
+        help="with --target-config: registered dataset (or DATASETS.LVIS_CUSTOM name of the config) "
+        "to measure the transfer scale on (default: the config's DATASETS.TEST[0], else TRAIN[0])",
+    )
+    p.add_argument(
         "--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
         help="overrides for --target-config, as detectron2's KEY VALUE pairs (must come last)",
     )
     return p
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN / inf floats as None (strict JSON); the warnings name them."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    import json
+
+    def write(f):
+        f.write(json.dumps(_json_safe(data), indent=2, allow_nan=False).encode() + b"\n")
+
+    _atomic_write(path, write, lambda tmp: None)
+
+
+def scale_json_path(output_path: str) -> str:
+    """Where the command writes the transfer-scale numbers of ``output_path``."""
+    return output_path + ".scale.json"
+
+
+def _report_transfer_scale(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Measure, print and save the transfer scale of the written ``args.output``.
+
+    Prints a message and returns None when it cannot be measured (the conversion stands); scale
+    warnings go to the log and to stdout, never to the exit status.
+    """
+    from .scale import (
+        FC7_NORM_RATIO_MAX,
+        FPN_STD_RATIO_RANGE,
+        MAX_ABS_CLS_LOGIT,
+        DatasetUnavailableError,
+        TransferScaleError,
+        check_transfer_scale,
+        format_scale_table,
+        measure_transfer_scale,
+    )
+
+    logger = logging.getLogger(__name__)
+    json_path = scale_json_path(args.output)
+
+    def skipped(reason: str) -> None:
+        print(f"\ntransfer scale: not measured: {reason}")
+        if os.path.exists(json_path):  # it described the previous OUTPUT
+            os.unlink(json_path)
+            print(f"transfer scale: removed the outdated {json_path}")
+
+    try:
+        cfg = _load_target_config(args.target_config, args.opts or ())
+        result = measure_transfer_scale(
+            cfg, args.output, dataset_name=args.scale_dataset, num_images=args.scale_images
+        )
+    except DatasetUnavailableError as e:
+        skipped(
+            f"{e}. Give --scale-dataset NAME (a registered dataset or a DATASETS.LVIS_CUSTOM entry "
+            "of the config, e.g. through --opts) or --scale-images 0"
+        )
+        return None
+    except TransferScaleError as e:
+        skipped(str(e))
+        return None
+    except Exception as e:  # noqa: BLE001 - OUTPUT is written and verified: report, don't fail
+        logger.exception("transfer-scale measurement failed")
+        skipped(f"the measurement failed: {type(e).__name__}: {e}")
+        return None
+
+    warnings_ = check_transfer_scale(result)
+    result["goals"] = {
+        "fpn_std_ratio_range": list(FPN_STD_RATIO_RANGE),
+        "fc7_norm_ratio_max": FC7_NORM_RATIO_MAX,
+        "max_abs_cls_logit_below": MAX_ABS_CLS_LOGIT,
+    }
+    result["warnings"] = warnings_
+    print("\n" + format_scale_table(result))
+    for w in warnings_:
+        logger.warning("transfer scale: %s", w)
+        print(f"WARNING: {w}")
+    try:
+        _write_json_atomic(json_path, result)
+    except OSError as e:
+        print(f"transfer scale: could not write {json_path}: {e}", file=sys.stderr)
+    else:
+        print(f"wrote {json_path}")
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns 0, or raises SystemExit(1) with the reason on stderr."""
+    """Command-line entry point; returns 0, or raises SystemExit(1) with the reason on stderr.
+
+    With ``--target-config`` (and ``--scale-images`` > 0) a successful conversion is followed by
+    the transfer-scale report; its warnings never change the exit status.
+    """
     args = build_parser().parse_args(argv)
+    usage_error = None
+    if args.scale_images < 0:
+        usage_error = f"--scale-images must be >= 0, not {args.scale_images}"
+    elif args.scale_dataset and not args.target_config:
+        usage_error = "--scale-dataset needs --target-config"
+    if usage_error:
+        print(f"drcl-convert: error: {usage_error}", file=sys.stderr)
+        raise SystemExit(1)
     try:
         report = convert_checkpoint(
             args.input,
@@ -1081,6 +1210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"drcl-convert: {args.output} was left unchanged", file=sys.stderr)
         raise SystemExit(1) from None
     print(report.format())
+    if args.target_config and args.scale_images > 0:
+        _report_transfer_scale(args)
     return 0
 
 
