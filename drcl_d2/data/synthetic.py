@@ -71,6 +71,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # Result tables.
     "medium": dict(num_train_images=1500, num_val_images=300, num_categories=40,
                    image_size=(256, 320), max_objects_per_image=6),
+    # The long-tail table: the medium set with >= 10 val images per category, so the 14 rare
+    # categories have about 140 val instances (medium: 42) and APr is measurable.
+    "table": dict(num_train_images=1500, num_val_images=300, num_categories=40,
+                  image_size=(256, 320), max_objects_per_image=6, val_min_images=10),
 }
 
 # LVIS frequency thresholds on the number of training images containing the category.
@@ -185,10 +189,13 @@ def longtail_image_counts(num_categories: int, num_train_images: int) -> np.ndar
     return np.clip(np.round(counts), 1, N).astype(np.int64)
 
 
-def _val_image_counts(train_counts: np.ndarray, num_train: int, num_val: int) -> np.ndarray:
-    """Val counts: train proportions with a floor so every category (rare too) is evaluable."""
+def _val_image_counts(train_counts: np.ndarray, num_train: int, num_val: int,
+                      floor: int | None = None) -> np.ndarray:
+    """Val counts: train proportions with a floor so every category (rare too) is evaluable.
+    floor: val images per category at least (None: 1-3, from the split size)."""
     C = len(train_counts)
-    floor = int(np.clip((2 * num_val) // max(C, 1), 1, 3))
+    if floor is None:
+        floor = int(np.clip((2 * num_val) // max(C, 1), 1, 3))
     v = np.round(train_counts * (num_val / max(num_train, 1))).astype(np.int64)
     return np.clip(v, floor, num_val)
 
@@ -458,11 +465,14 @@ def _mask_to_annotation(mask: np.ndarray) -> Optional[Dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 def _params_dict(num_train_images: int, num_val_images: int, num_categories: int,
                  image_size: Sequence[int], max_objects_per_image: int,
-                 seed: int) -> Dict[str, Any]:
-    return dict(num_train_images=int(num_train_images), num_val_images=int(num_val_images),
-                num_categories=int(num_categories),
-                image_size=[int(image_size[0]), int(image_size[1])],
-                max_objects_per_image=int(max_objects_per_image), seed=int(seed))
+                 seed: int, val_min_images: int | None = None) -> Dict[str, Any]:
+    params = dict(num_train_images=int(num_train_images), num_val_images=int(num_val_images),
+                  num_categories=int(num_categories),
+                  image_size=[int(image_size[0]), int(image_size[1])],
+                  max_objects_per_image=int(max_objects_per_image), seed=int(seed))
+    if val_min_images is not None:  # only when set: datasets made before the option keep their manifest
+        params["val_min_images"] = int(val_min_images)
+    return params
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -591,7 +601,7 @@ def _validate(root: str, train_json: str, val_json: str) -> None:
 def make_longtail_dataset(root: str, *, num_train_images: int = 400, num_val_images: int = 100,
                           num_categories: int = 24, image_size: Tuple[int, int] = (256, 320),
                           max_objects_per_image: int = 6, seed: int = 0,
-                          overwrite: bool = False) -> Dict[str, Any]:
+                          val_min_images: int | None = None, overwrite: bool = False) -> Dict[str, Any]:
     """Generate (or reuse) the embedded long-tailed LVIS-v1-format dataset under ``root``.
 
     Args:
@@ -602,6 +612,8 @@ def make_longtail_dataset(root: str, *, num_train_images: int = 400, num_val_ima
         image_size: (height, width) of every image.
         max_objects_per_image: upper bound on objects drawn per image.
         seed: everything is a function of the parameters and this seed.
+        val_min_images: val images per category at least (None: 1-3 from the split size). A
+            result table raises it so that rare categories have enough val instances for APr.
         overwrite: regenerate even if ``root`` holds a dataset made with other parameters.
 
     Returns:
@@ -618,7 +630,7 @@ def make_longtail_dataset(root: str, *, num_train_images: int = 400, num_val_ima
     root = os.fspath(root)
     h, w = int(image_size[0]), int(image_size[1])
     params = _params_dict(num_train_images, num_val_images, num_categories, (h, w),
-                          max_objects_per_image, seed)
+                          max_objects_per_image, seed, val_min_images)
     if num_train_images < 1 or num_val_images < 1:
         raise ValueError("num_train_images and num_val_images must be >= 1")
     if max_objects_per_image < 1:
@@ -664,7 +676,7 @@ def make_longtail_dataset(root: str, *, num_train_images: int = 400, num_val_ima
     train_counts[perm] = target
     train_counts = _fit_counts_to_capacity(train_counts, num_train_images, max_objects_per_image)
     val_counts = _fit_counts_to_capacity(
-        _val_image_counts(train_counts, num_train_images, num_val_images),
+        _val_image_counts(train_counts, num_train_images, num_val_images, val_min_images),
         num_val_images, max_objects_per_image)
 
     train_images, train_anns = _generate_split(
