@@ -1,24 +1,38 @@
 #!/usr/bin/env python
-"""The long-tail results table: one fine-tuning schedule from different starts and samplers.
+"""The long-tail results table: one fine-tuning schedule from different starts, with a positive control.
 
-Starts: no pretraining, MoCo v2, DetCo, 2DRCL (each pretrained here on the same embedded set);
-samplers: uniform (no pretraining only), RFS, Dynamic Rebalancing. Each cell is fine-tuned and
-evaluated with LVISEvaluator for several seeds; the table reports mean ± std of bbox / segm AP, APr,
-APc, APf, with the settings, wall time and commit. Every step is the project's own command line
-(pretrain_net.py, drcl-convert, train_net.py); finished runs are reused, so an interrupted table
-continues where it stopped.
+Starts (each made here on the same embedded training images, then converted with drcl-convert):
+  scratch          no pretraining (the baseline)
+  supervised       the POSITIVE CONTROL: the same detector trained with labels on the training set for
+                   the pretraining budget, transferred like 2DRCL (ResNet, FPN, RPN, box head; the
+                   class-specific predictor dropped). A start known to be better than scratch: the
+                   table is valid only when this row beats scratch by more than 2 seed-std.
+  MoCo v2, DetCo   self-supervised ResNet (backbone only)
+  2DRCL            the whole detector (ResNet, FPN, RPN, box head)
+  2DRCL backbone   the same checkpoint converted --backbone-only
+Samplers: RFS and Dynamic Rebalancing (DRB) where the comparison needs both (scratch, 2DRCL), DRB
+elsewhere. Every row uses the same detector (Faster R-CNN R-18-FPN with the BN'd FPN and conv box head
+of configs/embedded/Base-embedded.yaml). Each cell is fine-tuned and evaluated with LVISEvaluator for
+3 seeds: mean ± std of bbox AP, APr, APc, APf, with the commit.
 
-    python benchmarks/longtail_table.py                 # medium embedded set, 3 seeds (about 90 min on 2 cores)
-    python benchmarks/longtail_table.py --quick         # tiny set, 1 seed, a few iterations (checks the plumbing)
+Two further signals per start: the transfer scale that drcl-convert reports (FPN std, fc7 norm and
+fresh-classifier logits against a fresh detector), and a kNN probe of RoI features of ground-truth
+boxes (drcl_d2.tools.probe) per frequency group, which shows whether pretraining changed the
+representation at all.
+
+    python benchmarks/longtail_table.py            # 'table' embedded set, 3 seeds (about 90 min on 2 cores)
+    python benchmarks/longtail_table.py --quick    # tiny set, 1 seed, a few iterations (checks the plumbing)
     python benchmarks/longtail_table.py --depth 50 --device cuda --size 512 --finetune-iters 1000 --jobs 1
-                                                        # the R-50 scale on a GPU
 
-Writes benchmarks/results/longtail_table.json and the "longtail" table of BENCHMARKS.md.
+Every step is the project's own command line; finished runs are reused, so an interrupted table
+continues where it stopped. Writes benchmarks/results/longtail_table.json and the "longtail" section
+of BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import statistics
 import subprocess
@@ -36,16 +50,16 @@ PRETRAIN_CONFIGS = {
     "2DRCL": "configs/embedded/drcl_R_18_FPN_embedded.yaml",
 }
 SAMPLER_CONFIGS = {
-    "uniform": "configs/embedded/mask_rcnn_R_18_FPN_uniform.yaml",
     "RFS": "configs/embedded/mask_rcnn_R_18_FPN_rfs.yaml",
     "DRB": "configs/embedded/mask_rcnn_R_18_FPN_drb.yaml",
 }
-# "2DRCL backbone": the same 2DRCL pretraining converted with drcl-convert --backbone-only, so that
-# the row beside "2DRCL + DRB" separates what the pretrained ResNet brings from what the transferred
-# FPN / RPN / box head bring.
-CELLS = [("none", "uniform"), ("none", "RFS"), ("none", "DRB")] + [
-    (start, sampler) for start in PRETRAIN_CONFIGS for sampler in ("RFS", "DRB")
-] + [("2DRCL backbone", "DRB")]
+SCRATCH, CONTROL = "scratch", "supervised"
+STARTS = (SCRATCH, CONTROL, "MoCo v2", "DetCo", "2DRCL", "2DRCL backbone")
+CELLS = [(SCRATCH, "RFS"), (SCRATCH, "DRB"), (CONTROL, "DRB"), ("MoCo v2", "DRB"), ("DetCo", "DRB"),
+         ("2DRCL", "RFS"), ("2DRCL", "DRB"), ("2DRCL backbone", "DRB")]
+# What the positive control transfers: what a 2DRCL conversion transfers (no class-specific predictor,
+# no mask head, which 2DRCL does not pretrain).
+CONTROL_DROPPED_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_head.")
 WALL_FILE = "wall_seconds.txt"  # written beside each finished run: the table adds them up
 METRICS = ("AP", "APr", "APc", "APf")
 
@@ -97,18 +111,48 @@ def run_all(jobs: list, workers: int, threads: int, what: str, keep: str) -> Non
                   f"ETA {eta / 60:.1f} min)", flush=True)
 
 
+def strip_for_transfer(checkpoint: str, output: str) -> int:
+    """The positive control's transfer: a detectron2 checkpoint without the class-specific predictor
+    and the mask head, written as a .pth loaded by exact names. Returns the number of tensors kept."""
+    import torch
+
+    model = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    kept = {k: v for k, v in model.items() if not k.startswith(CONTROL_DROPPED_PREFIXES)}
+    tmp = output + ".tmp"
+    torch.save({"model": kept}, tmp)
+    os.replace(tmp, output)
+    return len(kept)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def positive_control_verdict(results: dict, metric: str = "AP") -> dict:
+    """The table is valid when the positive control beats scratch (same sampler) by more than
+    2 seed-std (the larger of the two rows' std): otherwise it cannot tell a better start."""
+    control = [r["bbox"][metric] for r in results.get(f"{CONTROL} + DRB", [])]
+    scratch = [r["bbox"][metric] for r in results.get(f"{SCRATCH} + DRB", [])]
+    if len(control) < 2 or len(scratch) < 2:
+        return {"valid": False, "reason": "positive control or scratch row has fewer than 2 seeds"}
+    (mc, sc), (ms, ss) = mean_std(control), mean_std(scratch)
+    margin = mc - ms
+    threshold = 2 * max(sc, ss)
+    return {"valid": margin > threshold, "margin": margin, "threshold": threshold, "metric": metric}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="output/longtail")
-    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--preset", default="table")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--pretrain-iters", type=int, default=120)
-    parser.add_argument("--finetune-iters", type=int, default=100)
+    parser.add_argument("--pretrain-iters", type=int, default=150)
+    parser.add_argument("--finetune-iters", type=int, default=200)
     parser.add_argument("--size", type=int, default=160, help="short side of training / test images")
     parser.add_argument("--detections", type=int, default=50,
                         help="TEST.DETECTIONS_PER_IMAGE (the set has at most 6 objects per image)")
-    parser.add_argument("--pretrain-per-seed", action="store_true",
-                        help="pretrain once per seed (default: once, with seed 0, shared by the fine-tuning seeds)")
+    parser.add_argument("--probe-images", type=int, nargs=2, default=[600, 300], metavar=("TRAIN", "TEST"),
+                        help="images of the train / val split whose ground-truth RoIs the kNN probe uses")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores / jobs threads)")
     parser.add_argument("--depth", type=int, default=18, choices=(18, 50),
                         help="ResNet depth; 50 also widens FPN and heads to detectron2's R50-FPN sizes")
@@ -120,6 +164,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.preset, args.seeds, args.pretrain_iters, args.finetune_iters, args.size = "tiny", [0], 2, 3, 128
+        args.probe_images = [40, 20]
         args.output = args.output.rstrip("/") + "_quick"
 
     from drcl_d2.data.synthetic import PRESETS, make_longtail_dataset
@@ -128,52 +173,80 @@ def main():
 
     py, start_time = sys.executable, time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    preset = PRESETS[args.preset]
     out = os.path.join(ROOT, args.output)
     data = os.path.join(out, f"data_{args.preset}")
-    make_longtail_dataset(data, **PRESETS[args.preset])
+    make_longtail_dataset(data, **preset)
     # Finished runs are reused only under the same settings: they live in a folder named by them.
     runs_root = os.path.join(out, f"{args.preset}_R{args.depth}_{args.size}px_pre{args.pretrain_iters}"
                                   f"_ft{args.finetune_iters}_det{args.detections}")
     datasets = repr([["lt_train", f"{data}/lvis_v1_train.json", data], ["lt_val", f"{data}/lvis_v1_val.json", data]])
     common = ["DATASETS.LVIS_CUSTOM", datasets, "DATASETS.TRAIN", "('lt_train',)",
-              "MODEL.ROI_HEADS.NUM_CLASSES", str(PRESETS[args.preset]["num_categories"]),
+              "MODEL.ROI_HEADS.NUM_CLASSES", str(preset["num_categories"]),
               "INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MIN_SIZE_TEST", str(args.size),
               "INPUT.MAX_SIZE_TRAIN", str(args.size * 5 // 4), "INPUT.MAX_SIZE_TEST", str(args.size * 5 // 4),
               "DATALOADER.NUM_WORKERS", "1", "MODEL.DEVICE", args.device]
     if args.depth == 50:  # detectron2's R50-FPN widths (the embedded configs narrow them for R-18)
         common += ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
                    "MODEL.FPN.OUT_CHANNELS", "256", "MODEL.ROI_BOX_HEAD.FC_DIM", "1024",
-                   "MODEL.ROI_MASK_HEAD.CONV_DIM", "256"]
+                   "MODEL.ROI_BOX_HEAD.CONV_DIM", "256", "MODEL.ROI_MASK_HEAD.CONV_DIM", "256"]
+    # Every detector of the table is a Faster R-CNN (box AP; the mask head would only add CPU time).
+    detector = common + ["MODEL.MASK_ON", "False", "DATASETS.TEST", "('lt_val',)",
+                         "TEST.DETECTIONS_PER_IMAGE", str(args.detections)]
+    keep = "all" if args.keep_checkpoints else "final"
 
-    pretrain_seeds = args.seeds if args.pretrain_per_seed else [0]
-    weights, pretrain_dirs, pretrain_jobs = {}, [], []
-    for seed in pretrain_seeds:
-        for method, config in PRETRAIN_CONFIGS.items():
-            run_dir = os.path.join(runs_root, f"pretrain_seed{seed}", method.replace(" ", "_"))
-            pretrain_dirs.append(run_dir)
-            converted = run_dir + ".pkl"
-            weights[(method, seed)] = converted
-            steps = []
-            if not os.path.exists(os.path.join(run_dir, "model_final.pth")):
-                os.makedirs(run_dir, exist_ok=True)
-                steps.append(([py, "pretrain_net.py", "--config-file", config, "OUTPUT_DIR", run_dir,
-                               "SEED", str(seed)] + common + short_schedule(args.pretrain_iters),
-                              os.path.join(run_dir, "stdout.log")))
-            variants = [(converted, [], "convert.log")]
-            if method == "2DRCL":
-                weights[("2DRCL backbone", seed)] = run_dir + "_backbone.pkl"
-                variants.append((run_dir + "_backbone.pkl", ["--backbone-only"], "convert_backbone.log"))
-            for output, flags, log in variants:
-                if not os.path.exists(output):
-                    steps.append(([py, "-m", "drcl_d2.checkpoint", os.path.join(run_dir, "model_final.pth"),
-                                   output, "--target-config", SAMPLER_CONFIGS["DRB"]] + flags + ["--opts"]
-                                  + common, os.path.join(run_dir, log)))
-            if steps:
-                pretrain_jobs.append((f"pretrain {method} seed {seed}", steps))
-    # The final pretraining checkpoint stays: a later conversion (or a new start row) reads it.
-    run_all(pretrain_jobs, args.jobs, threads, "pretraining + drcl-convert",
-            "all" if args.keep_checkpoints else "final")
+    # 1. Starts: pretraining (+ conversion), one per method with seed 0.
+    pre_root = os.path.join(runs_root, "pretrain_seed0")
+    weights, pretrain_dirs, pretrain_jobs = {SCRATCH: ""}, [], []
+    for method, config in PRETRAIN_CONFIGS.items():
+        run_dir = os.path.join(pre_root, method.replace(" ", "_"))
+        pretrain_dirs.append(run_dir)
+        weights[method] = run_dir + ".pkl"
+        steps = []
+        if not os.path.exists(os.path.join(run_dir, "model_final.pth")):
+            os.makedirs(run_dir, exist_ok=True)
+            steps.append(([py, "pretrain_net.py", "--config-file", config, "OUTPUT_DIR", run_dir, "SEED", "0"]
+                          + common + short_schedule(args.pretrain_iters), os.path.join(run_dir, "stdout.log")))
+        variants = [(weights[method], [], "convert.log")]
+        if method == "2DRCL":
+            weights["2DRCL backbone"] = run_dir + "_backbone.pkl"
+            variants.append((weights["2DRCL backbone"], ["--backbone-only"], "convert_backbone.log"))
+        for output, flags, log in variants:
+            if not os.path.exists(output):
+                steps.append(([py, "-m", "drcl_d2.checkpoint", os.path.join(run_dir, "model_final.pth"), output,
+                               "--target-config", SAMPLER_CONFIGS["DRB"], "--scale-dataset", "lt_val"] + flags
+                              + ["--opts"] + detector, os.path.join(run_dir, log)))
+        if steps:
+            pretrain_jobs.append((f"pretrain {method}", steps))
+    # The positive control: supervised training of the same detector for the same budget, with labels.
+    control_dir = os.path.join(pre_root, CONTROL)
+    pretrain_dirs.append(control_dir)
+    weights[CONTROL] = control_dir + ".pth"
+    if not os.path.exists(weights[CONTROL]):
+        os.makedirs(control_dir, exist_ok=True)
+        pretrain_jobs.append((f"pretrain {CONTROL} (positive control)", [
+            ([py, "train_net.py", "--config-file", SAMPLER_CONFIGS["DRB"], "OUTPUT_DIR", control_dir, "SEED", "0"]
+             + detector + ["DATASETS.TEST", "()"] + short_schedule(args.pretrain_iters),
+             os.path.join(control_dir, "stdout.log"))]))
+    run_all(pretrain_jobs, args.jobs, threads, "pretraining + drcl-convert", keep)
+    if not os.path.exists(weights[CONTROL]):
+        kept = strip_for_transfer(os.path.join(control_dir, "model_final.pth"), weights[CONTROL])
+        print(f"positive control: {kept} tensors transferred to {weights[CONTROL]}", flush=True)
 
+    # 2. kNN probe of every start's RoI features (ResNet res5 and box head) on ground-truth boxes.
+    probe_files, probe_jobs = {}, []
+    for start in STARTS:
+        path = os.path.join(pre_root, f"probe_{start.replace(' ', '_')}.json")
+        probe_files[start] = path
+        if not os.path.exists(path):
+            probe_jobs.append((f"probe {start}", [
+                ([py, "-m", "drcl_d2.tools.probe", "--config-file", SAMPLER_CONFIGS["DRB"], "--weights",
+                  weights[start], "--train-dataset", "lt_train", "--test-dataset", "lt_val",
+                  "--max-train-images", str(args.probe_images[0]), "--max-test-images", str(args.probe_images[1]),
+                  "--output", path] + detector, path[:-5] + ".log")]))
+    run_all(probe_jobs, args.jobs, threads, "kNN probes", "all")
+
+    # 3. Fine-tuning + LVIS evaluation, 3 seeds per cell.
     finetune_dirs, finetune_jobs = {}, []
     for seed in args.seeds:
         for start, sampler in CELLS:
@@ -185,57 +258,91 @@ def main():
             except (FileNotFoundError, ValueError):
                 pass
             os.makedirs(run_dir, exist_ok=True)
-            init = "" if start == "none" else weights[(start, seed if args.pretrain_per_seed else 0)]
             finetune_jobs.append((f"{start} + {sampler} seed {seed}", [
                 ([py, "train_net.py", "--config-file", SAMPLER_CONFIGS[sampler], "OUTPUT_DIR", run_dir,
-                  "SEED", str(seed), "MODEL.WEIGHTS", init, "DATASETS.TEST", "('lt_val',)",
-                  "TEST.DETECTIONS_PER_IMAGE", str(args.detections)]
-                 + common + short_schedule(args.finetune_iters),
+                  "SEED", str(seed), "MODEL.WEIGHTS", weights[start]] + detector + short_schedule(args.finetune_iters),
                  os.path.join(run_dir, "stdout.log")),
             ]))
     run_all(finetune_jobs, args.jobs, threads, "fine-tuning + LVIS evaluation",
             "all" if args.keep_checkpoints else "none")
+
+    # 4. The tables.
     results = {name: [read_final_metrics(os.path.join(d, "metrics.json")) for d in dirs]
                for name, dirs in finetune_dirs.items()}
+    probes = {start: json.load(open(path)) for start, path in probe_files.items()}
+    scales = {start: json.load(open(weights[start] + ".scale.json")) for start in STARTS
+              if weights[start] and os.path.exists(weights[start] + ".scale.json")}
+    verdict = positive_control_verdict(results)
     run_dirs = [d for dirs in finetune_dirs.values() for d in dirs] + pretrain_dirs
     run_seconds = sum(float(open(os.path.join(d, WALL_FILE)).read()) for d in run_dirs
                       if os.path.exists(os.path.join(d, WALL_FILE)))
-
-    def cell(runs, task, metric):
-        values = [r[task][metric] for r in runs if r.get(task, {}).get(metric, -100.0) != -100.0]
-        if not values:
-            return "n/a"
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.1f} ± {std:.1f}"
-
     env = environment()
     wall = time.time() - start_time
-    settings = (f"embedded `{args.preset}` set ({PRESETS[args.preset]['num_train_images']} train / "
-                f"{PRESETS[args.preset]['num_val_images']} val images, {PRESETS[args.preset]['num_categories']} "
-                f"categories), Mask R-CNN R{args.depth}-FPN on {args.device} from scratch or from the converted "
-                f"pretraining "
-                f"({'one pretraining per seed' if args.pretrain_per_seed else 'one pretraining, seed 0, per method'}), "
-                f"{args.pretrain_iters} pretraining and {args.finetune_iters} fine-tuning iterations at batch 4, "
-                f"{args.size}-px images, {args.detections} detections per image, fine-tuning seeds {args.seeds}")
-    lines = [f"## Long-tail results table (embedded dataset, R{args.depth}, {args.device})", "",
-             f"`python benchmarks/longtail_table.py{' --quick' if args.quick else ''}` — {settings}; "
-             f"{len(run_dirs)} runs took {run_seconds / 60:.0f} min of run time, {args.jobs} at a time on "
-             f"{env['cpu_count']} cores (about {run_seconds / 60 / args.jobs:.0f} min of wall time); "
-             f"commit {env['commit']}. "
-             "Mean ± std over seeds; n/a = no detections in that group for every seed.", "",
-             "| start + sampler | " + " | ".join(f"bbox {m}" for m in METRICS) + " | "
-             + " | ".join(f"segm {m}" for m in METRICS) + " |",
-             "|---|" + "---|" * (2 * len(METRICS))]
-    for name, runs in results.items():
-        lines.append(f"| {name} | " + " | ".join(cell(runs, "bbox", m) for m in METRICS) + " | "
-                     + " | ".join(cell(runs, "segm", m) for m in METRICS) + " |")
+    md = format_tables(args, preset, results, probes, scales, verdict, run_seconds, len(run_dirs), env)
     write_result("longtail_table" + ("" if args.device == "cpu" else f"_{args.device}_R{args.depth}")
                  + ("_quick" if args.quick else ""),
-                 {"settings": settings, "seeds": args.seeds, "runs": results, "run_seconds": run_seconds,
-                  "jobs": args.jobs, "invocation_seconds": wall, "env": env})
+                 {"settings": vars(args), "runs": results, "probes": probes, "scales": scales,
+                  "positive_control": verdict, "run_seconds": run_seconds, "invocation_seconds": wall, "env": env})
     if not args.quick:
-        update_benchmarks_md("longtail" if args.device == "cpu" else f"longtail_{args.device}", "\n".join(lines))
-    print("\n".join(lines))
+        update_benchmarks_md("longtail" if args.device == "cpu" else f"longtail_{args.device}", md)
+    print(md)
+
+
+def _cell(runs, metric):
+    values = [r["bbox"][metric] for r in runs if r.get("bbox", {}).get(metric, -100.0) != -100.0]
+    if not values:
+        return "n/a"
+    m, s = mean_std(values)
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def _pct(v):
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def format_tables(args, preset, results, probes, scales, verdict, run_seconds, num_runs, env) -> str:
+    settings = (f"embedded `{args.preset}` set ({preset['num_train_images']} train / {preset['num_val_images']} val "
+                f"images, {preset['num_categories']} categories), Faster R-CNN R{args.depth}-FPN (BN'd FPN, conv "
+                f"box head) on {args.device}; {args.pretrain_iters} pretraining iterations per start (seed 0), "
+                f"{args.finetune_iters} fine-tuning iterations at batch 4, {args.size}-px images, "
+                f"{args.detections} detections per image, fine-tuning seeds {args.seeds}")
+    if verdict.get("valid"):
+        check = (f"**Positive control passed**: supervised + DRB beats scratch + DRB by {verdict['margin']:.1f} AP "
+                 f"(needed > {verdict['threshold']:.1f}, 2 seed-std), so the protocol can tell a better start.")
+    elif "margin" in verdict:
+        check = (f"**Positive control FAILED**: supervised + DRB beats scratch + DRB by only {verdict['margin']:.1f} "
+                 f"AP (needed > {verdict['threshold']:.1f}); the table cannot tell starts apart.")
+    else:
+        check = f"**Positive control missing** ({verdict['reason']})."
+    lines = [f"## Long-tail results table (embedded dataset, R{args.depth}, {args.device})", "",
+             f"`python benchmarks/longtail_table.py{' --quick' if args.quick else ''}` — {settings}. "
+             f"{num_runs} runs took {run_seconds / 60:.0f} min of run time, {args.jobs} at a time on "
+             f"{env['cpu_count']} cores; commit {env['commit']}. Mean ± std over seeds.", "", check, "",
+             "| start + sampler | bbox AP | APr | APc | APf |", "|---|---|---|---|---|"]
+    for name, runs in results.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(runs, m) for m in METRICS) + " |")
+    lines += ["", "kNN probe (k=20, cosine, temperature-weighted vote) of ground-truth RoI features, "
+              f"{args.probe_images[0]} train → {args.probe_images[1]} val images; accuracy % and mean per-class "
+              "accuracy of the rare group:", "",
+              "| start | res5 acc | res5 r / c / f class-acc | box head acc | box head r / c / f class-acc |",
+              "|---|---|---|---|---|"]
+    for start, p in probes.items():
+        cells = []
+        for feature in ("backbone", "box_head"):
+            f = p.get(feature, {})
+            cells += [_pct(f.get("acc")), " / ".join(_pct(f.get(f"mean_class_acc_{g}")) for g in "rcf")]
+        lines.append(f"| {start} | " + " | ".join(cells) + " |")
+    if scales:
+        lines += ["", "Transfer scale (drcl-convert --target-config, converted / fresh detector, 4 val images; goals: "
+                  "FPN std 0.8–1.2×, fc7 ≤ 4×, largest fresh-classifier logit < 2):", "",
+                  "| start | FPN std ratio (p2–p6) | fc7 norm ratio | max logit | warnings |", "|---|---|---|---|---|"]
+        for start, s in scales.items():
+            fpn = [v["std"] for k, v in s["ratio"]["features"].items() if k.startswith("p") and v.get("std")]
+            fpn_txt = f"{min(fpn):.2f}–{max(fpn):.2f}" if fpn else "—"
+            fc7 = s["ratio"].get("fc7_norm")
+            lines.append(f"| {start} | {fpn_txt} | {'—' if fc7 is None else f'{fc7:.2f}'} | "
+                         f"{s['converted']['cls_logit_max_abs']:.2f} | {len(s.get('warnings', []))} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
