@@ -42,12 +42,17 @@ def info_nce_with_batch_negatives(query: torch.Tensor, keys: torch.Tensor, posit
 
     query (M, D) L2-normalised boxes of this rank; keys (M_all, D) the target keys of the whole
     batch (all ranks); queue (K, D). Used by the box-level LCL term: the other boxes of the
-    batch are negatives on top of the queued ones.
+    batch are negatives on top of the queued ones. exclude_keys (M, M_all) / exclude_queue (M, K)
+    bool remove keys from the negatives (keys of the query's own image); never the positive.
     """
     if query.shape[0] == 0:
         return query.sum() * 0.0
     batch_logits = query @ keys.detach().t()  # (M, M_all)
     queue_logits = query @ queue.detach().t()  # (M, K)
+    if exclude_keys is not None:
+        batch_logits = batch_logits.masked_fill(exclude_keys, float("-inf"))
+    if exclude_queue is not None:
+        queue_logits = queue_logits.masked_fill(exclude_queue, float("-inf"))
     logits = torch.cat([batch_logits, queue_logits], dim=1) / temperature  # (M, M_all+K)
     return F.cross_entropy(logits, positive_index)
 
