@@ -76,6 +76,53 @@ def test_pretrain_writes_full_checkpoints(straight):
     assert straight["alphas"] == {0: 0.0, 1: 0.25, 2: 0.5, 3: 0.75}
 
 
+def test_pretrain_logs_the_health_signals(straight):
+    """What a falling loss cannot show (SPEC §7), in metrics.json every log period."""
+    import json
+
+    lines = [json.loads(line) for line in open(straight["out"] / "metrics.json")]
+    logged = [line for line in lines if "health/decoder_active" in line]
+    assert len(logged) == 4  # LOG_PERIOD 1: every iteration
+    for line in logged:
+        assert 0.0 < line["health/decoder_active"] < 1.0
+        assert -1.0 <= line["health/recon_corr"] <= 1.0
+        for key in ("health/sr_centered", "health/fc7_norm", "health/fpn_p2_std", "health/fpn_p6_std",
+                    "health/hcl_self_negatives", "health/lcl_self_negatives"):
+            assert key in line, key
+
+
+def test_short_pretraining_converts_at_the_scale_of_a_fresh_detector(tiny_dataset, tmp_path):
+    """Issue 10's transfer goal on a short tiny-set pretraining: FPN std within 0.8-1.2x of a fresh
+    detector, fc7 norm <= 4x, largest fresh-classifier logit < 2 (drcl-convert's scale report)."""
+    from drcl_d2.checkpoint.convert import convert_checkpoint
+    from drcl_d2.checkpoint.scale import check_transfer_scale, measure_transfer_scale
+
+    cfg = setup(_args(tiny_dataset, tmp_path / "pre", **{
+        "SOLVER.MAX_ITER": 16, "SOLVER.STEPS": "(12,)", "SOLVER.CHECKPOINT_PERIOD": 100,
+        "PRETRAIN.LOG_PERIOD": 8}))
+    trainer = PretrainTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    out = str(tmp_path / "converted.pkl")
+    convert_checkpoint(str(tmp_path / "pre" / "model_final.pth"), out)
+    finetune_cfg = os.path.join(ROOT, "configs", "embedded", "mask_rcnn_R_18_FPN_drb.yaml")
+    args = argparse.Namespace(config_file=finetune_cfg, resume=False, eval_only=False, num_gpus=1, num_machines=1,
+                              machine_rank=0, dist_url="auto", opts=[
+                                  "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "128",
+                                  "MODEL.ROI_HEADS.NUM_CLASSES", "12", "MODEL.DEVICE", "cpu",
+                                  "OUTPUT_DIR", str(tmp_path / "ft"), "INPUT.MIN_SIZE_TEST", "128",
+                                  "DATASETS.LVIS_CUSTOM", repr([["tiny_scale_val", tiny_dataset["val_json"],
+                                                                 tiny_dataset["image_root"]]]),
+                                  "DATASETS.TRAIN", "('tiny_scale_val',)", "DATASETS.TEST", "('tiny_scale_val',)"])
+    result = measure_transfer_scale(setup(args), out, num_images=4)
+    assert check_transfer_scale(result) == []
+    fpn = [v["std"] for k, v in result["ratio"]["features"].items() if k.startswith("p")]
+    assert len(fpn) == 5 and all(0.8 <= r <= 1.2 for r in fpn), fpn
+    assert result["ratio"]["fc7_norm"] <= 4.0 and result["converted"]["cls_logit_max_abs"] < 2.0
+    # The box head did move in pretraining (the check is not on an untouched head).
+    assert result["ratio"]["fc7_norm"] != pytest.approx(1.0, abs=1e-3)
+
+
 def test_resume_equals_the_uninterrupted_run(straight, tiny_dataset, tmp_path):
     cfg = setup(_args(tiny_dataset, tmp_path))
     trainer = PretrainTrainer(cfg)
@@ -124,8 +171,9 @@ def test_converted_checkpoint_transfers_fpn_rpn_box_head_and_fine_tuning_starts_
     assert convert_main([str(straight["out"] / "model_final.pth"), str(out), "--target-config", finetune_cfg,
                          "--opts"] + size_opts) in (0, None)
     converted = pickle.load(open(out, "rb"))["model"]
-    for name in ("backbone.fpn_lateral3.weight", "backbone.fpn_output5.bias",
-                 "proposal_generator.rpn_head.objectness_logits.weight", "roi_heads.box_head.fc2.weight"):
+    for name in ("backbone.fpn_lateral3.weight", "backbone.fpn_output5.norm.bias",
+                 "proposal_generator.rpn_head.objectness_logits.weight", "roi_heads.box_head.conv1.weight",
+                 "roi_heads.box_head.conv1.norm.weight", "roi_heads.box_head.fc1.weight"):
         assert (converted[name] == src[name].numpy()).all(), name
     assert not any(k.startswith(("target.", "queue_", "hcl_", "lcl_", "decoder.")) for k in converted)
 
@@ -140,7 +188,7 @@ def test_converted_checkpoint_transfers_fpn_rpn_box_head_and_fine_tuning_starts_
     trainer = Trainer(setup(args))
     trainer.resume_or_load(resume=False)
     model = trainer.model
-    assert torch.equal(model.backbone.fpn_output5.bias, src["backbone.fpn_output5.bias"])
+    assert torch.equal(model.backbone.fpn_output5.norm.bias, src["backbone.fpn_output5.norm.bias"])
     assert torch.equal(model.backbone.bottom_up.res4[0].conv1.weight, src["backbone.bottom_up.res4.0.conv1.weight"])
     assert torch.equal(model.roi_heads.box_head.fc1.weight, src["roi_heads.box_head.fc1.weight"])
     trainer.train()  # one fine-tuning step from the pretrained weights
