@@ -84,28 +84,39 @@ def test_the_fresh_model_itself_measures_ratio_one(tmp_path, embedded_cfg, fresh
 
 
 def test_fpn_outputs_times_ten_are_measured_and_warned(tmp_path, embedded_cfg, fresh_state):
-    scaled = {
-        k: v * 10 if k.startswith("backbone.fpn_output") else v.clone() for k, v in fresh_state.items()
-    }
-    assert sum(k.startswith("backbone.fpn_output") for k in scaled) == 8  # p2..p5 weight + bias
+    # The embedded FPN ends in BatchNorm: scaling its affine weight and bias scales every output
+    # map exactly (train-mode BN: gamma * x_hat + beta).
+    assert embedded_cfg.MODEL.FPN.NORM == "BN"
+    is_fpn_affine = lambda k: k.startswith("backbone.fpn_output") and k.endswith((".norm.weight", ".norm.bias"))  # noqa: E731
+    scaled = {k: v * 10 if is_fpn_affine(k) else v.clone() for k, v in fresh_state.items()}
+    assert sum(is_fpn_affine(k) for k in scaled) == 8  # p2..p5 weight + bias
     result = measure_transfer_scale(embedded_cfg, _save_pth(tmp_path / "x10.pth", scaled), num_images=3)
 
     for level in FPN_LEVELS:  # p6 is max-pooled from p5
         assert result["ratio"]["features"][level]["std"] == pytest.approx(10.0, rel=1e-4)
-        assert result["ratio"]["features"][level]["channel_mean_spread"] == pytest.approx(10.0, rel=1e-4)
-    # Linear all the way (zero-initialised biases, ReLU): the heads see exactly 10x as well.
-    assert result["ratio"]["fc7_norm"] == pytest.approx(10.0, rel=1e-4)
-    assert result["ratio"]["cls_logit_std"] == pytest.approx(10.0, rel=1e-4)
+    # The RPN head is linear up to its ReLU (zero-initialised biases): it sees exactly 10x; the
+    # conv box head normalises its input with BN, so fc7 keeps its scale.
     assert result["ratio"]["rpn_objectness_std"] == pytest.approx(10.0, rel=1e-3)
+    assert result["ratio"]["fc7_norm"] == pytest.approx(1.0, rel=1e-3)
 
     warnings = check_transfer_scale(result)
     for level in FPN_LEVELS:
         assert any(w.startswith(f"FPN {level}: output std ratio converted/fresh 10 is outside [0.8, 1.2]")
                    for w in warnings), level
-    assert any(w.startswith("box head fc7: mean L2 norm per box ratio converted/fresh 10 > 4") for w in warnings)
+    assert not any(w.startswith("box head fc7") for w in warnings)
     if result["converted"]["cls_logit_max_abs"] >= 2:
         assert any(w.startswith("box predictor:") for w in warnings)
-    assert len(warnings) == len(FPN_LEVELS) + 1 + (result["converted"]["cls_logit_max_abs"] >= 2)
+    assert len(warnings) == len(FPN_LEVELS) + (result["converted"]["cls_logit_max_abs"] >= 2)
+
+
+def test_a_grown_box_head_is_warned(tmp_path, embedded_cfg, fresh_state):
+    """fc7 x10 (the last fc's weight and bias): the ratio and the warning say so."""
+    scaled = {k: v * 10 if k.startswith("roi_heads.box_head.fc1.") else v.clone() for k, v in fresh_state.items()}
+    result = measure_transfer_scale(embedded_cfg, _save_pth(tmp_path / "fc7x10.pth", scaled), num_images=3)
+    assert result["ratio"]["fc7_norm"] == pytest.approx(10.0, rel=1e-4)
+    assert result["ratio"]["cls_logit_std"] == pytest.approx(10.0, rel=1e-4)
+    warnings = check_transfer_scale(result)
+    assert any(w.startswith("box head fc7: mean L2 norm per box ratio converted/fresh 10 > 4") for w in warnings)
 
 
 def _target_yaml(tmp_path, ds):
