@@ -323,7 +323,7 @@ def format_tables(args, preset, results, probes, scales, verdict, run_seconds, n
         lines.append(f"| {name} | " + " | ".join(_cell(runs, m) for m in METRICS) + " |")
     lines += ["", "kNN probe (k=20, cosine, temperature-weighted vote) of ground-truth RoI features, "
               f"{args.probe_images[0]} train → {args.probe_images[1]} val images; accuracy % and mean per-class "
-              "accuracy of the rare group:", "",
+              "accuracy per LVIS frequency group (r / c / f):", "",
               "| start | res5 acc | res5 r / c / f class-acc | box head acc | box head r / c / f class-acc |",
               "|---|---|---|---|---|"]
     for start, p in probes.items():
