@@ -71,6 +71,10 @@ class PretrainTrainer(Trainer):
             self.checkpointer.extra_state = {"drcl_d2": model.checkpoint_meta()}
 
     @classmethod
+    def check_inputs(cls, cfg):
+        pass  # no classes and no evaluation; the loader stops after PRETRAIN.MAX_RETRIES bad images
+
+    @classmethod
     def build_train_loader(cls, cfg):
         dataset = build_train_dataset(cfg)
         # Each pretraining meta-architecture knows its inputs (two box views, jigsaw patches...).
