@@ -258,3 +258,100 @@ def test_an_image_that_decodes_to_a_constant_image_is_skipped_with_a_warning(tmp
     assert 2 not in seen and {1, 3} <= set(seen)
     assert "000000000002.jpg (image id 2): it decodes to a constant image" in caplog.text
     assert "PIL mode 'F'" in caplog.text
+
+
+# ---- checked before the first iteration ------------------------------------------------------------------
+def _mask_cfg(name, json_file, root, mask_format="polygon"):
+    cfg = _cfg(name, json_file, root)
+    cfg.MODEL.MASK_ON, cfg.INPUT.MASK_FORMAT, cfg.MODEL.ROI_HEADS.NUM_CLASSES = True, mask_format, 2
+    register_datasets_from_config(cfg)
+    return cfg
+
+
+def test_masks_must_fit_the_mask_head_before_training(tmp_path):
+    """RLE under INPUT.MASK_FORMAT polygon, or annotations without segmentation under Mask R-CNN,
+    crashed at the first image that showed them; now both stop before the first iteration."""
+    rle = {"size": [48, 64], "counts": "PPYo01"}
+    json_file, root = _write_dataset(tmp_path / "rle", anns=[
+        {"id": 1, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "area": 625, "segmentation": rle},
+        {"id": 2, "image_id": 2, "category_id": 20, "bbox": [5, 5, 25, 25], "area": 625,
+         "segmentation": [[5, 5, 30, 5, 30, 30]]}])
+    cfg = _mask_cfg("ds_rle", json_file, root)
+    with pytest.raises(ValueError, match=r"INPUT.MASK_FORMAT is 'polygon' but 1 training annotations of ds_rle have "
+                                         r"RLE .*image ids 1\): set INPUT.MASK_FORMAT bitmask"):
+        Trainer.build_train_loader(cfg)
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    Trainer.build_train_loader(cfg)
+
+    json_file, root = _write_dataset(tmp_path / "nosegm", anns=[
+        {"id": 1, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "area": 625},
+        {"id": 2, "image_id": 2, "category_id": 20, "bbox": [5, 5, 25, 25], "area": 625,
+         "segmentation": [[5, 5, 30, 5, 30, 30]]}])
+    cfg = _mask_cfg("ds_nosegm", json_file, root)
+    with pytest.raises(ValueError, match=r"MODEL.MASK_ON is True but 1 of 2 training annotations of ds_nosegm have no "
+                                         r"'segmentation' \(image ids 1\).*MODEL.MASK_ON False"):
+        Trainer.build_train_loader(cfg)
+    # ... and the evaluation json needs it for mask AP
+    with pytest.raises(ValueError, match=r"DATASETS.TEST dataset 'ds_nosegm' .*: 1 annotations lack 'segmentation' "
+                                         r"\(annotation ids 1\), which mask evaluation"):
+        Trainer.check_inputs(cfg)
+    cfg.MODEL.MASK_ON = False
+    Trainer.build_train_loader(cfg)
+    Trainer.check_inputs(cfg)
+
+
+def test_an_evaluation_json_without_area_fails_before_training(tmp_path):
+    json_file, root = _write_dataset(tmp_path, anns=[
+        {"id": 7, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "segmentation": [[5, 5, 30, 5, 30, 30]]}])
+    cfg = _cfg("ds_noarea", json_file, root)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    register_datasets_from_config(cfg)
+    with pytest.raises(ValueError, match=r"DATASETS.TEST dataset 'ds_noarea' \(.*train.json\): 1 annotations lack "
+                                         r"'area' \(annotation ids 7\), which LVIS evaluation"):
+        Trainer.check_inputs(cfg)
+    cfg.DATASETS.TEST = ()
+    Trainer.check_inputs(cfg)  # training alone does not read `area`
+
+
+def test_every_training_image_unreadable_is_a_clear_error(tmp_path):
+    """detectron2's MapDataset ran out of images to draw ("Sample larger than population")."""
+    json_file, root = _write_dataset(tmp_path)
+    for i in (1, 2, 3):
+        (tmp_path / "train2017" / f"{i:012d}.jpg").write_bytes(b"not an image")
+    cfg = _cfg("ds_all_bad", json_file, root, sampler="TrainingSampler")
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    register_datasets_from_config(cfg)
+    with pytest.raises(RuntimeError, match=r"3 images in a row could not be used .*check_dataset"):
+        next(iter(build_lvis_train_loader(cfg)))
+
+
+def test_an_image_whose_size_differs_from_the_json_is_skipped_with_a_warning(tmp_path, caplog):
+    """detectron2's SizeMismatchError stopped training (every rank) when the image was drawn."""
+    json_file, root = _write_dataset(tmp_path)
+    _write_image(tmp_path / "train2017" / "000000000002.jpg", 2, size=(40, 64))
+    cfg = _cfg("ds_size", json_file, root, sampler="TrainingSampler")
+    cfg.SOLVER.IMS_PER_BATCH = 1
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    register_datasets_from_config(cfg)
+    loader = iter(build_lvis_train_loader(cfg))
+    with caplog.at_level(logging.WARNING):
+        seen = [next(loader)[0]["image_id"] for _ in range(12)]
+    assert 2 not in seen and {1, 3} <= set(seen)
+    assert "Skipping image" in caplog.text and "(image id 2): Mismatched image shape" in caplog.text
+    assert "got (64, 40), expect (64, 48)" in caplog.text
+
+
+def test_an_unreadable_test_image_is_skipped_with_a_warning_not_replaced(tmp_path, caplog):
+    """detectron2's test loader raised a bare OSError at the evaluation after training; with a
+    fallback it would evaluate another image twice. Now the image is dropped, named and counted."""
+    json_file, root = _write_dataset(tmp_path)
+    (tmp_path / "train2017" / "000000000002.jpg").write_bytes(b"\xff\xd8 truncated")
+    cfg = _cfg("ds_bad_test", json_file, root)
+    register_datasets_from_config(cfg)
+    loader = Trainer.build_test_loader(cfg, "ds_bad_test")
+    assert len(loader) == 3
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader)
+    assert [[d["image_id"] for d in b] for b in batches] == [[1], [3]]
+    assert "000000000002.jpg (image id 2): unreadable" in caplog.text
+    assert "1 image(s) of ds_bad_test were skipped" in caplog.text
