@@ -9,7 +9,9 @@ What differs from DefaultTrainer, and why:
 - build_test_loader: detectron2's, with the checked mapper: an unusable test image is skipped with a
   warning naming file and image id (detectron2's would stop the evaluation after training);
 - build_evaluator: LVISEvaluator or COCOEvaluator, picked from the dataset's metadata;
-- checkpoints are written atomically; RebalanceHook keeps the sampler on the trainer's iteration
+- checkpoints are written atomically (stale temporaries of a crashed write removed at start-up);
+  loading MODEL.WEIGHTS says how much of the model it set, and stops when it set less than half
+  of the backbone (unless MODEL.ALLOW_PARTIAL_WEIGHTS); RebalanceHook keeps the sampler on the trainer's iteration
   and logs Dynamic Rebalancing;
 - DDP without device_ids on CPU, so `--num-gpus 2` runs as 2 gloo processes (tests do this).
 """
@@ -33,7 +35,7 @@ from ..config import add_drcl_config
 from ..data.build import build_checked_test_loader, build_lvis_train_loader, build_train_dataset
 from ..data.checks import check_evaluation_datasets, check_num_classes, check_training_dicts
 from ..data.datasets import FREQUENCIES, check_lvis_frequencies, register_datasets_from_config
-from .checkpoint import AtomicDetectionCheckpointer
+from .checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
 from .hooks import RebalanceHook, find_train_sampler
 
 __all__ = ["Trainer", "setup", "build_evaluator", "ddp_device_ids"]
@@ -83,6 +85,7 @@ class Trainer(DefaultTrainer):
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer.remove_stale_temporaries()  # main process only (save_to_disk)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -93,6 +96,12 @@ class Trainer(DefaultTrainer):
         # First, so the sampler knows the start iteration before anything touches the loader.
         hooks.insert(0, RebalanceHook(find_train_sampler(self.data_loader), self.cfg.SOLVER.IMS_PER_BATCH))
         return hooks
+
+    def resume_or_load(self, resume=True):
+        resuming = resume and self.checkpointer.has_checkpoint()
+        super().resume_or_load(resume=resume)
+        if not resuming:  # MODEL.WEIGHTS: made for this model?
+            require_backbone_loaded(self.checkpointer.load_summary, self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS)
 
     @classmethod
     def check_inputs(cls, cfg):
