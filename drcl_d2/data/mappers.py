@@ -52,7 +52,8 @@ class CheckedDatasetMapper(DatasetMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
-        ret["max_bad_in_a_row"] = cfg.PRETRAIN.MAX_RETRIES + 1
+        if "PRETRAIN" in cfg:  # add_drcl_config's key; detectron2's own config lacks it
+            ret["max_bad_in_a_row"] = cfg.PRETRAIN.MAX_RETRIES + 1
         return ret
 
     def __call__(self, dataset_dict):
