@@ -11,8 +11,8 @@ What differs from DefaultTrainer, and why:
 - build_evaluator: LVISEvaluator or COCOEvaluator, picked from the dataset's metadata;
 - checkpoints are written atomically (stale temporaries of a crashed write removed at start-up);
   loading MODEL.WEIGHTS says how much of the model it set, and stops when it set less than half
-  of the backbone (unless MODEL.ALLOW_PARTIAL_WEIGHTS); RebalanceHook keeps the sampler on the trainer's iteration
-  and logs Dynamic Rebalancing;
+  of the backbone (unless MODEL.ALLOW_PARTIAL_WEIGHTS);
+- RebalanceHook keeps the sampler on the trainer's iteration and logs Dynamic Rebalancing;
 - DDP without device_ids on CPU, so `--num-gpus 2` runs as 2 gloo processes (tests do this).
 """
 from __future__ import annotations
