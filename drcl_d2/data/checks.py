@@ -22,13 +22,11 @@ warning (:class:`drcl_d2.data.mappers.CheckedDatasetMapper`).
 """
 from __future__ import annotations
 
-import logging
 
 from detectron2.data import MetadataCatalog
 
 from .datasets import FREQUENCIES, check_lvis_frequencies, name_some
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["num_classes_key", "check_num_classes", "check_training_dicts", "check_evaluation_datasets"]
 
