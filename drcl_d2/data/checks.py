@@ -22,11 +22,9 @@ warning (:class:`drcl_d2.data.mappers.CheckedDatasetMapper`).
 """
 from __future__ import annotations
 
-
 from detectron2.data import MetadataCatalog
 
 from .datasets import FREQUENCIES, check_lvis_frequencies, name_some
-
 
 __all__ = ["num_classes_key", "check_num_classes", "check_training_dicts", "check_evaluation_datasets"]
 
