@@ -28,6 +28,7 @@ setup(
         "console_scripts": [
             "drcl-convert=drcl_d2.checkpoint.convert:main",
             "drcl-make-dataset=drcl_d2.data.synthetic:main",
+            "drcl-check-dataset=drcl_d2.tools.check_dataset:main",
         ]
     },
 )

@@ -8,19 +8,23 @@
 The sampler (uniform / RFS / Dynamic Rebalancing) is DATALOADER.SAMPLER_TRAIN; datasets of your
 own are DATASETS.LVIS_CUSTOM [[name, json, image_root], ...].
 """
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
+from drcl_d2.data.checks import check_evaluation_datasets
 from drcl_d2.engine import Trainer, setup
+from drcl_d2.engine.checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
 
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        check_evaluation_datasets(cfg)
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        require_backbone_loaded(checkpointer.load_summary, cfg.MODEL.ALLOW_PARTIAL_WEIGHTS)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

@@ -9,6 +9,7 @@ from detectron2.config import CfgNode as CN
 def add_drcl_config(cfg: CN) -> CN:
     """Add drcl_d2's keys to a detectron2 config (in place) and return it."""
     _add_dataset_config(cfg)
+    _add_checkpoint_config(cfg)
     _add_rebalance_config(cfg)
     _add_two_view_config(cfg)
     _add_pretrain_config(cfg)
@@ -24,6 +25,13 @@ def _add_dataset_config(cfg: CN) -> None:
     # How an image path is built for LVIS_CUSTOM datasets: "auto" uses the image's `file_name`
     # when it has one, else the last folder of `coco_url` (as detectron2 does for LVIS v1).
     cfg.DATASETS.LVIS_CUSTOM_PATH_RULE = "auto"
+
+
+def _add_checkpoint_config(cfg: CN) -> None:
+    # train_net.py stops when MODEL.WEIGHTS initialises less than half of the backbone's weights
+    # (shapes or names that do not fit: an R-18 file in an R-50 model, an unconverted pretraining
+    # checkpoint). True trains from such a file anyway (the load summary line still says how much).
+    cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 
 
 def _add_rebalance_config(cfg: CN) -> None:

@@ -9,9 +9,15 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from drcl_d2 import add_drcl_config
-from drcl_d2.data.build import build_lvis_train_loader, build_train_sampler
+from drcl_d2.data.build import build_lvis_train_loader, build_train_dataset, build_train_sampler
 from drcl_d2.data.datasets import load_lvis_format_json, register_datasets_from_config
-from drcl_d2.engine.trainer import build_evaluator
+from drcl_d2.engine.trainer import Trainer, build_evaluator
+
+
+def _write_image(path, seed, size=(48, 64)):
+    """A real, non-constant JPEG (a constant image is skipped by the mapper)."""
+    gradient = np.add.outer(np.arange(size[0]), np.arange(size[1])) * 2 + 40 * seed
+    Image.fromarray(np.repeat((gradient % 256).astype(np.uint8)[..., None], 3, axis=2)).save(path)
 
 
 def _write_dataset(root, *, anns=None, categories=None, images=None):
@@ -24,7 +30,7 @@ def _write_dataset(root, *, anns=None, categories=None, images=None):
         for i in (1, 2, 3)
     ]
     for img in images:
-        Image.fromarray(np.full((48, 64, 3), 40 * img["id"], np.uint8)).save(root / img["file_name"])
+        _write_image(root / img["file_name"], img["id"])
     categories = categories or [
         {"id": 10, "name": "cat_a", "frequency": "f", "synset": "a.n.01", "synonyms": ["cat_a"], "def": "",
          "image_count": 2, "instance_count": 2},
@@ -128,7 +134,7 @@ def test_corrupt_image_is_skipped_by_the_mapper_with_a_warning(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         seen = [next(loader)[0]["image_id"] for _ in range(12)]
     assert 2 not in seen and {1, 3} <= set(seen)
-    assert "Skipping unreadable image" in caplog.text and "(image id 2)" in caplog.text
+    assert "000000000002.jpg (image id 2): unreadable" in caplog.text
 
 
 def test_empty_and_malformed_json(tmp_path):
@@ -154,14 +160,24 @@ def test_all_images_empty_after_filtering_is_an_error(tmp_path):
         build_lvis_train_loader(cfg)
 
 
-def test_missing_frequency_fails_lvis_evaluation_not_training(tmp_path):
-    cats = [{"id": 10, "name": "cat_a"}, {"id": 20, "name": "cat_b", "frequency": "r"}]
+def test_missing_or_unknown_frequency_fails_before_training_when_lvis_evaluation_will_run(tmp_path):
+    """lvis raised "'x' is not in list" after the whole training; now unknown letters are caught
+    like a missing frequency, before the first iteration, when DATASETS.TEST will be evaluated."""
+    cats = [{"id": 10, "name": "cat_a"}, {"id": 20, "name": "cat_b", "frequency": "x"},
+            {"id": 30, "name": "cat_c", "frequency": "R"}]
     json_file, root = _write_dataset(tmp_path, categories=cats)
     cfg = _cfg("ds_nofreq", json_file, root)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
     register_datasets_from_config(cfg)
     build_lvis_train_loader(cfg)  # DRB computes frequencies from the data: training is fine
-    with pytest.raises(ValueError, match=r"train.json: 1 categories lack a 'frequency'.*id 10 \(cat_a\)"):
+    msg = (r"train.json: 3 categories lack a 'frequency' of 'r', 'c' or 'f' \(lower case\).*id 10 \(cat_a, "
+           r"frequency=None\), id 20 \(cat_b, frequency='x'\), id 30 \(cat_c, frequency='R'\)")
+    with pytest.raises(ValueError, match=msg):
+        Trainer.check_inputs(cfg)
+    with pytest.raises(ValueError, match=msg):
         build_evaluator(cfg, "ds_nofreq", str(tmp_path / "eval"))
+    cfg.DATASETS.TEST = ()
+    Trainer.check_inputs(cfg)  # no evaluation: no frequency needed
 
 
 def test_unknown_sampler_name(tmp_path):
@@ -170,3 +186,172 @@ def test_unknown_sampler_name(tmp_path):
     register_datasets_from_config(cfg)
     with pytest.raises(ValueError, match="Unknown DATALOADER.SAMPLER_TRAIN 'FancySampler'.*DynamicRepeatFactorTrainingSampler"):
         build_train_sampler(cfg, DatasetCatalog.get("ds_sampler"))
+
+
+# ---- silent wrong results, now caught at load --------------------------------------------------------
+def test_boxes_outside_their_image_are_skipped_with_a_counted_warning(tmp_path, caplog):
+    """Image 2's boxes lie right of its 64 px width (its polygons inside): detectron2 would clip
+    them to nothing and train on an empty target. They are skipped, counted and named; the image
+    is then empty and filtered out of training."""
+    poly = [[5, 5, 30, 5, 30, 30, 5, 30]]
+    json_file, root = _write_dataset(tmp_path, anns=[
+        {"id": 1, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "area": 625, "segmentation": poly},
+        {"id": 2, "image_id": 2, "category_id": 10, "bbox": [70, 5, 25, 25], "area": 625, "segmentation": poly},
+        {"id": 3, "image_id": 2, "category_id": 20, "bbox": [5, -40, 25, 25], "area": 625, "segmentation": poly},
+        {"id": 4, "image_id": 3, "category_id": 20, "bbox": [50, 40, 25, 25], "area": 625, "segmentation": poly},
+    ])
+    with caplog.at_level(logging.WARNING):
+        dicts = load_lvis_format_json(json_file, root)
+    assert [len(d["annotations"]) for d in dicts] == [1, 0, 1]  # partly outside (image 3): kept, clipped later
+    assert "skipped 2 annotation(s) whose box lies entirely outside its image" in caplog.text
+    assert "ann 2/image 2 bbox=[70, 5, 25, 25] image 64x48" in caplog.text and "ann 3/image 2" in caplog.text
+    cfg = _cfg("ds_outside", json_file, root)
+    register_datasets_from_config(cfg)
+    assert [d["image_id"] for d in build_train_dataset(cfg)] == [1, 3]
+
+
+def test_num_classes_must_equal_the_category_count(tmp_path):
+    """Fewer classes than categories made the last category the background label; more made the
+    LVIS evaluator fail after training. Both stop before the model is built, naming the key."""
+    json_file, root = _write_dataset(tmp_path)
+    cfg = _cfg("ds_numcls", json_file, root)
+    register_datasets_from_config(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
+    with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.NUM_CLASSES is 1 but DATASETS.TRAIN dataset 'ds_numcls' "
+                                         r"\(.*train.json\) has 2 categories: its last 1 categories would be trained "
+                                         r"as background. Set MODEL.ROI_HEADS.NUM_CLASSES 2"):
+        Trainer(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    with pytest.raises(ValueError, match=r"NUM_CLASSES is 5 but DATASETS.TRAIN .* has 2 categories: the evaluator"):
+        Trainer(cfg)
+    cfg.DATASETS.TRAIN = ()  # the evaluation dataset is checked too
+    with pytest.raises(ValueError, match=r"NUM_CLASSES is 5 but DATASETS.TEST dataset 'ds_numcls'"):
+        Trainer(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    Trainer.check_inputs(cfg)
+
+
+def test_a_category_id_listed_twice_is_an_error(tmp_path):
+    cat = {"id": 10, "name": "cat_a", "frequency": "f"}
+    json_file, root = _write_dataset(tmp_path, categories=[
+        cat, {"id": 20, "name": "cat_b", "frequency": "r"}, dict(cat, name="cat_a_again")])
+    with pytest.raises(ValueError, match=r"train.json: category id\(s\) 10 are listed more than once"):
+        load_lvis_format_json(json_file, root)
+    with pytest.raises(ValueError, match=r"category id\(s\) 10 are listed more than once"):
+        register_datasets_from_config(_cfg("ds_dup_cat", json_file, root))
+    assert "ds_dup_cat" not in DatasetCatalog.list()
+
+
+def test_an_image_that_decodes_to_a_constant_image_is_skipped_with_a_warning(tmp_path, caplog):
+    """A float TIFF (PIL mode F, values 0..1) becomes a constant black image in detectron2's
+    8-bit conversion: skipped, naming the file, image id and the PIL mode."""
+    json_file, root = _write_dataset(tmp_path)
+    path = tmp_path / "train2017" / "000000000002.jpg"
+    Image.fromarray(np.random.default_rng(0).random((48, 64), dtype=np.float32)).save(path, format="TIFF")
+    cfg = _cfg("ds_constant", json_file, root, sampler="TrainingSampler")
+    cfg.SOLVER.IMS_PER_BATCH = 1
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    register_datasets_from_config(cfg)
+    loader = iter(build_lvis_train_loader(cfg))
+    with caplog.at_level(logging.WARNING):
+        seen = [next(loader)[0]["image_id"] for _ in range(12)]
+    assert 2 not in seen and {1, 3} <= set(seen)
+    assert "000000000002.jpg (image id 2): it decodes to a constant image" in caplog.text
+    assert "PIL mode 'F'" in caplog.text
+
+
+# ---- checked before the first iteration ------------------------------------------------------------------
+def _mask_cfg(name, json_file, root, mask_format="polygon"):
+    cfg = _cfg(name, json_file, root)
+    cfg.MODEL.MASK_ON, cfg.INPUT.MASK_FORMAT, cfg.MODEL.ROI_HEADS.NUM_CLASSES = True, mask_format, 2
+    register_datasets_from_config(cfg)
+    return cfg
+
+
+def test_masks_must_fit_the_mask_head_before_training(tmp_path):
+    """RLE under INPUT.MASK_FORMAT polygon, or annotations without segmentation under Mask R-CNN,
+    crashed at the first image that showed them; now both stop before the first iteration."""
+    rle = {"size": [48, 64], "counts": "PPYo01"}
+    json_file, root = _write_dataset(tmp_path / "rle", anns=[
+        {"id": 1, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "area": 625, "segmentation": rle},
+        {"id": 2, "image_id": 2, "category_id": 20, "bbox": [5, 5, 25, 25], "area": 625,
+         "segmentation": [[5, 5, 30, 5, 30, 30]]}])
+    cfg = _mask_cfg("ds_rle", json_file, root)
+    with pytest.raises(ValueError, match=r"INPUT.MASK_FORMAT is 'polygon' but 1 training annotations of ds_rle have "
+                                         r"RLE .*image ids 1\): set INPUT.MASK_FORMAT bitmask"):
+        Trainer.build_train_loader(cfg)
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    Trainer.build_train_loader(cfg)
+
+    json_file, root = _write_dataset(tmp_path / "nosegm", anns=[
+        {"id": 1, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "area": 625},
+        {"id": 2, "image_id": 2, "category_id": 20, "bbox": [5, 5, 25, 25], "area": 625,
+         "segmentation": [[5, 5, 30, 5, 30, 30]]}])
+    cfg = _mask_cfg("ds_nosegm", json_file, root)
+    with pytest.raises(ValueError, match=r"MODEL.MASK_ON is True but 1 of 2 training annotations of ds_nosegm have no "
+                                         r"'segmentation' \(image ids 1\).*MODEL.MASK_ON False"):
+        Trainer.build_train_loader(cfg)
+    # ... and the evaluation json needs it for mask AP
+    with pytest.raises(ValueError, match=r"DATASETS.TEST dataset 'ds_nosegm' .*: 1 annotations lack 'segmentation' "
+                                         r"\(annotation ids 1\), which mask evaluation"):
+        Trainer.check_inputs(cfg)
+    cfg.MODEL.MASK_ON = False
+    Trainer.build_train_loader(cfg)
+    Trainer.check_inputs(cfg)
+
+
+def test_an_evaluation_json_without_area_fails_before_training(tmp_path):
+    json_file, root = _write_dataset(tmp_path, anns=[
+        {"id": 7, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "segmentation": [[5, 5, 30, 5, 30, 30]]}])
+    cfg = _cfg("ds_noarea", json_file, root)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    register_datasets_from_config(cfg)
+    with pytest.raises(ValueError, match=r"DATASETS.TEST dataset 'ds_noarea' \(.*train.json\): 1 annotations lack "
+                                         r"'area' \(annotation ids 7\), which LVIS evaluation"):
+        Trainer.check_inputs(cfg)
+    cfg.DATASETS.TEST = ()
+    Trainer.check_inputs(cfg)  # training alone does not read `area`
+
+
+def test_every_training_image_unreadable_is_a_clear_error(tmp_path):
+    """detectron2's MapDataset ran out of images to draw ("Sample larger than population")."""
+    json_file, root = _write_dataset(tmp_path)
+    for i in (1, 2, 3):
+        (tmp_path / "train2017" / f"{i:012d}.jpg").write_bytes(b"not an image")
+    cfg = _cfg("ds_all_bad", json_file, root, sampler="TrainingSampler")
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    register_datasets_from_config(cfg)
+    with pytest.raises(RuntimeError, match=r"3 images in a row could not be used .*check_dataset"):
+        next(iter(build_lvis_train_loader(cfg)))
+
+
+def test_an_image_whose_size_differs_from_the_json_is_skipped_with_a_warning(tmp_path, caplog):
+    """detectron2's SizeMismatchError stopped training (every rank) when the image was drawn."""
+    json_file, root = _write_dataset(tmp_path)
+    _write_image(tmp_path / "train2017" / "000000000002.jpg", 2, size=(40, 64))
+    cfg = _cfg("ds_size", json_file, root, sampler="TrainingSampler")
+    cfg.SOLVER.IMS_PER_BATCH = 1
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    register_datasets_from_config(cfg)
+    loader = iter(build_lvis_train_loader(cfg))
+    with caplog.at_level(logging.WARNING):
+        seen = [next(loader)[0]["image_id"] for _ in range(12)]
+    assert 2 not in seen and {1, 3} <= set(seen)
+    assert "Skipping image" in caplog.text and "(image id 2): Mismatched image shape" in caplog.text
+    assert "got (64, 40), expect (64, 48)" in caplog.text
+
+
+def test_an_unreadable_test_image_is_skipped_with_a_warning_not_replaced(tmp_path, caplog):
+    """detectron2's test loader raised a bare OSError at the evaluation after training; with a
+    fallback it would evaluate another image twice. Now the image is dropped, named and counted."""
+    json_file, root = _write_dataset(tmp_path)
+    (tmp_path / "train2017" / "000000000002.jpg").write_bytes(b"\xff\xd8 truncated")
+    cfg = _cfg("ds_bad_test", json_file, root)
+    register_datasets_from_config(cfg)
+    loader = Trainer.build_test_loader(cfg, "ds_bad_test")
+    assert len(loader) == 3
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader)
+    assert [[d["image_id"] for d in b] for b in batches] == [[1], [3]]
+    assert "000000000002.jpg (image id 2): unreadable" in caplog.text
+    assert "1 image(s) of ds_bad_test were skipped" in caplog.text

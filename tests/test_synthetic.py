@@ -291,6 +291,20 @@ def test_idempotent_reuse_and_parameter_mismatch(tmp_path):
     assert os.path.isfile(os.path.join(root, "val2017", "000000000016.jpg"))
 
 
+def test_a_corrupt_manifest_is_an_error_naming_it(tmp_path, capsys):
+    """It was a bare JSONDecodeError without the file; --overwrite regenerates."""
+    root = tmp_path / "ds"
+    make_longtail_dataset(str(root), **MICRO)
+    (root / "manifest.json").write_text('{"version": 1, "params": {')
+    args = [str(root), "--train-images", str(MICRO["num_train_images"]), "--val-images", str(MICRO["num_val_images"]),
+            "--categories", str(MICRO["num_categories"])]
+    assert synthetic.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'manifest.json'} is not a valid manifest" in err and "--overwrite" in err
+    assert synthetic.main(args + ["--overwrite"]) == 0
+    assert _load(str(root / "manifest.json"))["version"] == synthetic.DATASET_VERSION
+
+
 def test_infeasible_parameters_raise(tmp_path):
     with pytest.raises(ValueError):
         make_longtail_dataset(str(tmp_path / "a"), num_train_images=2, num_val_images=2,

@@ -115,10 +115,13 @@ def test_resume_after_a_crash_continues_exactly(straight_run, tiny_dataset, tmp_
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train(cfg, log, batches, crash_at=3)  # crashes after iteration 3; checkpoint of iteration 2 exists
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+    stale = tmp_path / ".model_0000005.pth.q8w7e6r5.tmp"  # what a crash mid-write would leave
+    stale.write_bytes(b"half a checkpoint")
     resumed_log, resumed_batches = {}, []
     cfg = setup(_args(_opts(tiny_dataset, tmp_path), resume=True))
     trainer = _train(cfg, resumed_log, resumed_batches, resume=True)
     assert trainer.start_iter == 3
+    assert not stale.exists()  # removed at start-up
     assert sorted(resumed_log) == [3, 4, 5]
     straight = straight_run["log"]
     assert all(resumed_log[i] == straight[i] for i in (3, 4, 5))
@@ -152,3 +155,26 @@ def test_two_process_gloo_training_via_launch(tiny_dataset, tmp_path):
     assert (tmp_path / "model_final.pth").exists()
     # default_setup logs each rank to its own file: rank 1 ran in a world of 2.
     assert "World size: 2" in (tmp_path / "log.txt.rank1").read_text()
+
+
+def test_a_checkpoint_of_another_depth_stops_fine_tuning_unless_allowed(straight_run, tiny_dataset, tmp_path, caplog):
+    """The R-18 run's checkpoint in an R-50 model trained a mostly random backbone with only warnings."""
+    over = {"MODEL.WEIGHTS": str(straight_run["out"] / "model_final.pth"), "MODEL.RESNETS.DEPTH": 50,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS": 256}
+    trainer = Trainer(setup(_args(_opts(tiny_dataset, tmp_path, **over))))
+    with pytest.raises(RuntimeError, match=r"Loaded \d+ of \d+ model tensors from .*model_final.pth \(backbone: \d+ of "
+                                           r"\d+ tensors, \d+% of its weights\).*Less than 50% of the backbone.*"
+                                           r"MODEL.ALLOW_PARTIAL_WEIGHTS True"):
+        trainer.resume_or_load(resume=False)
+    assert trainer.checkpointer.load_summary.backbone_fraction < 0.5
+    trainer.cfg.defrost()
+    trainer.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = True
+    trainer.resume_or_load(resume=False)  # asked for: trains from it
+
+
+def test_eval_only_with_an_empty_weights_file_names_it(tiny_dataset, tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    args = _args(_opts(tiny_dataset, tmp_path, **{"MODEL.WEIGHTS": str(empty)}), eval_only=True)
+    with pytest.raises(RuntimeError, match=r"Cannot read the checkpoint .*empty.pth \(0 bytes\)"):
+        train_net.main(args)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 
 from .mappers import CheckedDatasetMapper
@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 TRAIN_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "DynamicRepeatFactorTrainingSampler")
 
 __all__ = ["TRAIN_SAMPLERS", "build_train_sampler", "build_train_dataset", "build_lvis_train_loader",
-           "drb_max_iter"]
+           "build_checked_test_loader", "drb_max_iter"]
 
 
 def drb_max_iter(cfg) -> int:
@@ -74,10 +74,63 @@ def build_train_sampler(cfg, dataset_dicts: list[dict]):
     )
 
 
-def build_lvis_train_loader(cfg, mapper=None):
-    """detectron2's train loader with a resumable sampler chosen by name (uniform, RFS, DRB)."""
-    dataset = build_train_dataset(cfg)
+def build_lvis_train_loader(cfg, mapper=None, dataset: list[dict] | None = None):
+    """detectron2's train loader with a resumable sampler chosen by name (uniform, RFS, DRB).
+
+    `dataset`: the list of :func:`build_train_dataset`, when the caller already built it.
+    """
+    if dataset is None:
+        dataset = build_train_dataset(cfg)
     sampler = build_train_sampler(cfg, dataset)
     if mapper is None:
         mapper = CheckedDatasetMapper(cfg, is_train=True)
+    if isinstance(mapper, CheckedDatasetMapper):
+        mapper.dataset_size = len(dataset)  # all images unusable: a clear error, not an empty draw
     return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, mapper=mapper)
+
+
+class _Skipped(dict):
+    """What the test loader's mapper yields for an image it skipped (dropped before the model)."""
+
+
+class _MarkSkipped:
+    """Wraps a mapper: None becomes a _Skipped marker, so that MapDataset does not replace the
+    image by another one (an image evaluated twice) and the loader can drop it instead."""
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+
+    def __call__(self, dataset_dict):
+        out = self.mapper(dataset_dict)
+        return out if out is not None else _Skipped(image_id=dataset_dict.get("image_id"))
+
+
+class SkippingTestLoader:
+    """Iterates a test loader without the images its mapper skipped; len() is the loader's."""
+
+    def __init__(self, loader, dataset_name: str):
+        self.loader, self.dataset_name = loader, dataset_name
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        skipped = 0
+        for batch in self.loader:
+            kept = [d for d in batch if not isinstance(d, _Skipped)]
+            skipped += len(batch) - len(kept)
+            if kept:
+                yield kept
+        if skipped:
+            logger.warning(
+                f"{skipped} image(s) of {self.dataset_name} were skipped (see the warnings above): they "
+                "have no detections, so their objects count as misses in the evaluation"
+            )
+
+
+def build_checked_test_loader(cfg, dataset_name: str):
+    """detectron2's test loader with the checked mapper: an unusable image is skipped with a warning
+    naming its file and image id, instead of stopping the evaluation at the end of training."""
+    mapper = _MarkSkipped(CheckedDatasetMapper(cfg, is_train=False))
+    loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+    return SkippingTestLoader(loader, dataset_name)

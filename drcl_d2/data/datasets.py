@@ -7,8 +7,10 @@ image id or annotation id at fault:
 
 - not a readable json / no images / missing "images" "annotations" "categories": error;
 - an annotation whose category or image is not in the json: error (a label bug, never guessed);
-- a degenerate box (non-finite, width or height <= 0) or a polygon with < 3 points: the annotation
-  is skipped with one warning that counts them and names the first few;
+- a category id listed twice in "categories": error (class names would shift by one);
+- a degenerate box (non-finite, width or height <= 0), a box entirely outside its image (the mapper
+  would clip it away) or a polygon with < 3 points: the annotation is skipped with one warning
+  that counts them and names the first few;
 - image files missing on disk: error listing how many and the first few (checked at load, before
   training starts); a file that exists but cannot be decoded is handled by the mapper
   (:class:`drcl_d2.data.mappers.CheckedDatasetMapper`).
@@ -29,7 +31,7 @@ from .image_folder import register_image_folders_from_config
 logger = logging.getLogger(__name__)
 
 __all__ = ["register_lvis_format", "register_datasets_from_config", "load_lvis_format_json",
-           "check_lvis_frequencies"]
+           "check_lvis_frequencies", "sorted_categories", "FREQUENCIES"]
 
 _MAX_NAMED = 5  # how many offending ids an error or warning lists
 
@@ -59,6 +61,18 @@ def _read_json(json_file: str) -> dict:
     return data
 
 
+def sorted_categories(data: dict, json_file: str) -> list[dict]:
+    """The json's categories sorted by id; an id listed twice is an error (names would shift by one)."""
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    dups = sorted({a["id"] for a, b in zip(categories, categories[1:]) if a["id"] == b["id"]})
+    if dups:
+        raise ValueError(
+            f"{json_file}: category id(s) {name_some(dups)} are listed more than once in 'categories'; "
+            "each category needs a unique id"
+        )
+    return categories
+
+
 def image_path(image_root: str, img: dict, rule: str = "auto") -> str:
     """Where an image lives: `file_name` under image_root, or coco_url's split folder (LVIS v1)."""
     if rule not in ("auto", "file_name", "coco_url"):
@@ -81,6 +95,12 @@ def _valid_box(bbox) -> bool:
     return bbox[2] > 0 and bbox[3] > 0
 
 
+def _outside_image(bbox, img: dict) -> bool:
+    """True when an XYWH box does not overlap its image at all: clipping would leave nothing."""
+    x, y, w, h = bbox
+    return x >= img["width"] or y >= img["height"] or x + w <= 0 or y + h <= 0
+
+
 def _valid_segmentation(segm) -> bool:
     if isinstance(segm, dict):  # RLE
         return "counts" in segm and "size" in segm
@@ -91,10 +111,11 @@ def _valid_segmentation(segm) -> bool:
     )
 
 
-def name_some(items: Iterable) -> str:
-    """The first few items, comma-separated, and how many more there are."""
+def name_some(items: Iterable, total: int | None = None) -> str:
+    """The first few items, comma-separated, and how many more there are (of `total` if given)."""
     items = list(items)
-    more = f" (and {len(items) - _MAX_NAMED} more)" if len(items) > _MAX_NAMED else ""
+    total = len(items) if total is None else total
+    more = f" (and {total - _MAX_NAMED} more)" if total > _MAX_NAMED else ""
     return ", ".join(str(i) for i in items[:_MAX_NAMED]) + more
 
 
@@ -102,7 +123,7 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
                           path_rule: str = "auto", check_files: bool = True) -> list[dict]:
     """Read an LVIS-format json into detectron2 dataset dicts (contiguous category ids 0..C-1)."""
     data = _read_json(json_file)
-    categories = sorted(data["categories"], key=lambda c: c["id"])
+    categories = sorted_categories(data, json_file)
     id_map = {c["id"]: i for i, c in enumerate(categories)}
     images = {}
     for img in data["images"]:
@@ -113,7 +134,7 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
         images[img["id"]] = img
 
     anns_per_image: dict[int, list[dict]] = {i: [] for i in images}
-    bad_boxes, bad_segms, seen_ann_ids = [], [], set()
+    bad_boxes, outside, bad_segms, seen_ann_ids = [], [], [], set()
     for ann in data["annotations"]:
         ann_id = ann.get("id")
         if ann_id in seen_ann_ids:
@@ -132,6 +153,11 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
         if not _valid_box(ann.get("bbox")):
             bad_boxes.append(f"ann {ann_id}/image {ann['image_id']} bbox={ann.get('bbox')}")
             continue
+        img = images[ann["image_id"]]
+        if _outside_image(ann["bbox"], img):
+            outside.append(f"ann {ann_id}/image {ann['image_id']} bbox={ann['bbox']} "
+                           f"image {img['width']}x{img['height']}")
+            continue
         obj = {
             "bbox": [float(v) for v in ann["bbox"]],
             "bbox_mode": BoxMode.XYWH_ABS,
@@ -147,6 +173,12 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
         logger.warning(
             f"{json_file}: skipped {len(bad_boxes)} annotation(s) with a degenerate box "
             f"(non-finite, or width/height <= 0): {name_some(bad_boxes)}"
+        )
+    if outside:
+        logger.warning(
+            f"{json_file}: skipped {len(outside)} annotation(s) whose box lies entirely outside its "
+            f"image (json width x height; detectron2 would clip it to nothing and train on an empty "
+            f"target): {name_some(outside)}"
         )
     if bad_segms:
         logger.warning(
@@ -178,27 +210,49 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
     return dataset_dicts
 
 
+FREQUENCIES = ("r", "c", "f")
+# Fields of a ground-truth annotation that evaluation reads from the json itself (LVIS API).
+EVAL_FIELDS = ("area", "segmentation")
+
+
 def check_lvis_frequencies(json_file: str, categories: list[dict] | None = None) -> None:
     """LVIS evaluation (APr/APc/APf) needs `frequency` in {r, c, f} on every category."""
     if categories is None:
         categories = _read_json(json_file)["categories"]
-    bad = [f"id {c.get('id')} ({c.get('name', '?')})" for c in categories if c.get("frequency") not in ("r", "c", "f")]
+    bad = [f"id {c.get('id')} ({c.get('name', '?')}, frequency={c.get('frequency')!r})"
+           for c in categories if c.get("frequency") not in FREQUENCIES]
     if bad:
         raise ValueError(
-            f"{json_file}: {len(bad)} categories lack a 'frequency' of 'r', 'c' or 'f', which LVIS "
-            f"evaluation needs (APr/APc/APf): {name_some(bad)}. Add it (rare: 1-10 training images, "
-            "common: 11-100, frequent: >100) or evaluate with COCOEvaluator."
+            f"{json_file}: {len(bad)} categories lack a 'frequency' of 'r', 'c' or 'f' (lower case), "
+            f"which LVIS evaluation needs (APr/APc/APf): {name_some(bad)}. Set it (rare: 1-10 training "
+            "images, common: 11-100, frequent: >100) or evaluate with COCOEvaluator."
         )
 
 
+def _annotations_lacking(annotations: list[dict]) -> dict:
+    """{field: (count, first few annotation ids)} for each of EVAL_FIELDS some annotations lack."""
+    out = {}
+    for key in EVAL_FIELDS:
+        ids = [a.get("id") for a in annotations if key not in a]
+        if ids:
+            out[key] = (len(ids), ids[:_MAX_NAMED])
+    return out
+
+
 def register_lvis_format(name: str, json_file: str, image_root: str, path_rule: str = "auto") -> None:
-    """Register an LVIS-format dataset under `name` with LVIS metadata (evaluator_type "lvis")."""
+    """Register an LVIS-format dataset under `name` with LVIS metadata (evaluator_type "lvis").
+
+    The json is read here once for the metadata; what evaluation will need from it (a frequency
+    per category, `area` and `segmentation` per annotation) is recorded in the metadata as well,
+    so that the trainer can check it before the first iteration without reading the json again.
+    """
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if getattr(meta, "json_file", None) == json_file and getattr(meta, "image_root", None) == image_root:
             return  # same registration again (e.g. setup() called twice): nothing to do
         raise ValueError(f"Dataset name {name!r} is already registered with other files")
-    categories = sorted(_read_json(json_file)["categories"], key=lambda c: c["id"])
+    data = _read_json(json_file)
+    categories = sorted_categories(data, json_file)
     DatasetCatalog.register(
         name, lambda: load_lvis_format_json(json_file, image_root, name, path_rule)
     )
@@ -210,6 +264,7 @@ def register_lvis_format(name: str, json_file: str, image_root: str, path_rule: 
         thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
         class_image_count=[{"id": c["id"], "image_count": c.get("image_count", 0)} for c in categories],
         category_frequencies=[c.get("frequency") for c in categories],
+        annotations_lacking=_annotations_lacking(data["annotations"]),
     )
 
 

@@ -647,8 +647,17 @@ def make_longtail_dataset(root: str, *, num_train_images: int = 400, num_val_ima
                   num_train_images=int(num_train_images), num_val_images=int(num_val_images))
 
     if os.path.exists(manifest_path):
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            if not isinstance(manifest, dict):
+                raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            # Written last and atomically by this generator: a corrupt one was edited or damaged.
+            if not overwrite:
+                raise ValueError(f"{manifest_path} is not a valid manifest ({e}); pass overwrite=True "
+                                 "(CLI: --overwrite) to regenerate the dataset, or choose another directory") from e
+            manifest = {}
         same = manifest.get("params") == params and manifest.get("version") == DATASET_VERSION
         if same and all(os.path.exists(p) for p in _expected_files(root, params)):
             logger.info("Reusing the long-tailed dataset in %s "

@@ -1,27 +1,52 @@
-"""Checkpoints that a crash cannot corrupt."""
-from __future__ import annotations
-
+"""Checkpoints that a crash cannot corrupt, and loads that say how much of the model they set."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from dataclasses import dataclass, field
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["AtomicDetectionCheckpointer", "atomic_torch_save", "atomic_write_text"]
+__all__ = ["AtomicDetectionCheckpointer", "LoadSummary", "atomic_torch_save", "atomic_write_text",
+           "require_backbone_loaded", "MIN_BACKBONE_FRACTION"]
+
+# MODEL.WEIGHTS must initialise at least this fraction of the backbone's weights (by element count)
+# unless MODEL.ALLOW_PARTIAL_WEIGHTS: an ImageNet R-50 sets 88% of an R50-FPN backbone (all but the
+# FPN), a converted pretraining checkpoint all of it, an R-18 file in an R-50 model about a third.
+MIN_BACKBONE_FRACTION = 0.5
+
+# What _atomic_replace leaves behind when the process dies mid-write: ".<target>.<mkstemp id>.tmp".
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_replace(path: str, write) -> None:
     """Write to a temporary file in the target's folder, fsync, then rename over the target.
 
     os.replace is atomic on POSIX: a reader (or a crash) sees either the old file or the new one,
-    never a half-written one.
+    never a half-written one. mkstemp creates the file 0600; it gets the mode a plain open() would
+    give (0666 less the umask), as fvcore's checkpoints have.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -41,18 +66,84 @@ def atomic_write_text(text: str, path: str) -> None:
     _atomic_replace(path, lambda f: f.write(text.encode()))
 
 
+@dataclass
+class LoadSummary:
+    """How much of a model one checkpoint initialised (tensors of its state_dict, and elements)."""
+
+    path: str
+    loaded: int
+    total: int
+    backbone_loaded: int
+    backbone_total: int
+    backbone_elements_loaded: int
+    backbone_elements: int
+    incorrect_shapes: list = field(default_factory=list)  # (key, shape in file, shape in model)
+    unused: int = 0  # tensors of the file the model has no place for
+
+    @property
+    def backbone_fraction(self) -> float:
+        return self.backbone_elements_loaded / self.backbone_elements if self.backbone_elements else 1.0
+
+    def line(self) -> str:
+        return (
+            f"Loaded {self.loaded} of {self.total} model tensors from {self.path} (backbone: {self.backbone_loaded} "
+            f"of {self.backbone_total} tensors, {self.backbone_fraction:.0%} of its weights); "
+            f"{len(self.incorrect_shapes)} skipped for mismatching shapes, {self.unused} in the file unused"
+        )
+
+
+def _summarize(model, incompatible, path: str) -> LoadSummary:
+    # pixel_mean/std come from the config (DetectionCheckpointer ignores them too).
+    state = {k: v for k, v in model.state_dict().items() if k not in ("pixel_mean", "pixel_std")}
+    missing = set(incompatible.missing_keys)
+    backbone = [k for k in state if k.startswith("backbone.")]
+    return LoadSummary(
+        path=path,
+        loaded=sum(k not in missing for k in state),
+        total=len(state),
+        backbone_loaded=sum(k not in missing for k in backbone),
+        backbone_total=len(backbone),
+        backbone_elements_loaded=sum(state[k].numel() for k in backbone if k not in missing),
+        backbone_elements=sum(state[k].numel() for k in backbone),
+        incorrect_shapes=list(incompatible.incorrect_shapes),
+        unused=len(incompatible.unexpected_keys),
+    )
+
+
+def require_backbone_loaded(summary: LoadSummary | None, allow_partial: bool) -> None:
+    """Stop when a checkpoint initialised less than MIN_BACKBONE_FRACTION of the backbone."""
+    if summary is None or allow_partial or summary.backbone_fraction >= MIN_BACKBONE_FRACTION:
+        return
+    shapes = "; ".join(f"{k}: {tuple(a)} in the file, {tuple(b)} in the model" for k, a, b in summary.incorrect_shapes[:3])
+    raise RuntimeError(
+        f"{summary.line()}. Less than {MIN_BACKBONE_FRACTION:.0%} of the backbone came from the file, so the "
+        "model would train mostly from its random initialisation"
+        + (f" (e.g. {shapes})" if shapes else "")
+        + ". Check that the file was made for this architecture (MODEL.RESNETS.DEPTH, FPN channels...) and, for "
+        "a pretraining checkpoint, that it went through drcl-convert. Set MODEL.ALLOW_PARTIAL_WEIGHTS True to "
+        "use it anyway."
+    )
+
+
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer whose `.pth` and `last_checkpoint` are replaced atomically.
 
     fvcore writes the file in place, so a crash mid-write leaves a truncated checkpoint that
     `--resume` then fails to load. Here the previous checkpoint stays intact until the new one
-    is complete, and `last_checkpoint` only ever names a complete file.
+    is complete, and `last_checkpoint` only ever names a complete file. A temporary left by a
+    process killed mid-write is removed by :meth:`remove_stale_temporaries` (the trainer calls it
+    at start-up).
+
+    Loading names the file in every error (empty, truncated, not a checkpoint; a `last_checkpoint`
+    naming no file) and logs one line saying how much of the model the file initialised
+    (:class:`LoadSummary`, kept as ``load_summary``).
 
     `extra_state` (a dict) is written into every checkpoint at the top level, e.g. the
     ``"drcl_d2": {"method", "depth"}`` record by which drcl-convert recognises a pretraining run.
     """
 
     extra_state: dict | None = None
+    load_summary: LoadSummary | None = None
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -70,3 +161,54 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete the temporaries of checkpoint writes that a crash interrupted; returns their names.
+
+        Only call it when no other process writes checkpoints into save_dir (a run's start-up).
+        """
+        if not self.save_dir or not self.save_to_disk or not os.path.isdir(self.save_dir):
+            return []
+        stale = []
+        for name in sorted(os.listdir(self.save_dir)):
+            m = _TEMPORARY.match(name)
+            if m and (m["target"].endswith(".pth") or m["target"] == "last_checkpoint"):
+                os.remove(os.path.join(self.save_dir, name))
+                stale.append(name)
+        if stale:
+            self.logger.warning(f"Removed {len(stale)} temporary file(s) of interrupted checkpoint writes from "
+                                f"{self.save_dir}: {', '.join(stale)}")
+        return stale
+
+    def get_checkpoint_file(self) -> str:
+        path = super().get_checkpoint_file()
+        if path and not os.path.isfile(path):
+            tag = os.path.join(self.save_dir, "last_checkpoint")
+            named = os.path.relpath(path, self.save_dir) if os.path.normpath(path) != os.path.normpath(self.save_dir) else ""
+            present = sorted(f for f in os.listdir(self.save_dir) if f.endswith(".pth"))
+            raise FileNotFoundError(
+                f"--resume: {tag} names {named!r}, which is not a checkpoint file in {self.save_dir} "
+                f"(checkpoints there: {', '.join(present) or 'none'}). Write the name of the checkpoint to resume "
+                "from into it, or delete it to start from MODEL.WEIGHTS."
+            )
+        return path
+
+    def load(self, path: str, checkpointables=None):
+        self._loading_path = path
+        return super().load(path, checkpointables)
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except Exception as e:
+            size = os.path.getsize(filename) if os.path.isfile(filename) else "?"
+            raise RuntimeError(
+                f"Cannot read the checkpoint {filename} ({size} bytes): {type(e).__name__}: {e}. It is empty, "
+                "truncated (an interrupted copy or download?) or not a PyTorch / detectron2 checkpoint."
+            ) from e
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        self.load_summary = _summarize(self.model, incompatible, getattr(self, "_loading_path", "?"))
+        self.logger.info(self.load_summary.line())
+        return incompatible

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase, hooks
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
@@ -26,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.build import build_train_dataset, build_train_sampler
 from ..data.pretrain import build_pretrain_loader
+from .checkpoint import AtomicDetectionCheckpointer
 from .hooks import RebalanceHook, find_train_sampler
 from .trainer import Trainer
 
@@ -71,6 +71,10 @@ class PretrainTrainer(Trainer):
             self.checkpointer.extra_state = {"drcl_d2": model.checkpoint_meta()}
 
     @classmethod
+    def check_inputs(cls, cfg):
+        pass  # no classes and no evaluation; the loader stops after PRETRAIN.MAX_RETRIES bad images
+
+    @classmethod
     def build_train_loader(cls, cfg):
         dataset = build_train_dataset(cfg)
         # Each pretraining meta-architecture knows its inputs (two box views, jigsaw patches...).
@@ -111,7 +115,7 @@ class PretrainTrainer(Trainer):
         # MODEL.WEIGHTS initialises the online detector, under GeneralizedRCNN's names.
         if self.cfg.MODEL.WEIGHTS:
             online = unwrap_model(self.model).online_network()
-            DetectionCheckpointer(online).load(self.cfg.MODEL.WEIGHTS)
+            AtomicDetectionCheckpointer(online).load(self.cfg.MODEL.WEIGHTS)  # logs how much it set
         self.start_iter = 0
 
     @classmethod

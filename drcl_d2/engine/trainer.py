@@ -1,11 +1,18 @@
 """The fine-tuning trainer: detectron2's DefaultTrainer with drcl_d2's data pipeline.
 
 What differs from DefaultTrainer, and why:
+- check_inputs: what the run would otherwise trip over late (NUM_CLASSES against the datasets,
+  masks against the mask head, what the evaluation after training needs) is checked before the
+  model is built (drcl_d2.data.checks);
 - build_train_loader: the LVIS pipeline (checked mapper + uniform / RFS / DRB sampler by name),
   every sampler resuming at the trainer's iteration;
+- build_test_loader: detectron2's, with the checked mapper: an unusable test image is skipped with a
+  warning naming file and image id (detectron2's would stop the evaluation after training);
 - build_evaluator: LVISEvaluator or COCOEvaluator, picked from the dataset's metadata;
-- checkpoints are written atomically; RebalanceHook keeps the sampler on the trainer's iteration
-  and logs Dynamic Rebalancing;
+- checkpoints are written atomically (stale temporaries of a crashed write removed at start-up);
+  loading MODEL.WEIGHTS says how much of the model it set, and stops when it set less than half
+  of the backbone (unless MODEL.ALLOW_PARTIAL_WEIGHTS);
+- RebalanceHook keeps the sampler on the trainer's iteration and logs Dynamic Rebalancing;
 - DDP without device_ids on CPU, so `--num-gpus 2` runs as 2 gloo processes (tests do this).
 """
 from __future__ import annotations
@@ -25,9 +32,10 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_drcl_config
-from ..data.build import build_lvis_train_loader
-from ..data.datasets import check_lvis_frequencies, register_datasets_from_config
-from .checkpoint import AtomicDetectionCheckpointer
+from ..data.build import build_checked_test_loader, build_lvis_train_loader, build_train_dataset
+from ..data.checks import check_evaluation_datasets, check_num_classes, check_training_dicts
+from ..data.datasets import FREQUENCIES, check_lvis_frequencies, register_datasets_from_config
+from .checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
 from .hooks import RebalanceHook, find_train_sampler
 
 __all__ = ["Trainer", "setup", "build_evaluator", "ddp_device_ids"]
@@ -45,7 +53,7 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None):
     meta = MetadataCatalog.get(dataset_name)
     evaluator_type = getattr(meta, "evaluator_type", None)
     if evaluator_type == "lvis":
-        if getattr(meta, "category_frequencies", None) is not None and None in meta.category_frequencies:
+        if any(f not in FREQUENCIES for f in getattr(meta, "category_frequencies", None) or ()):
             check_lvis_frequencies(meta.json_file)  # raises, naming the file and categories
         return LVISEvaluator(dataset_name, cfg, True, output_folder,
                              max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
@@ -64,6 +72,7 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        self.check_inputs(cfg)
         # Same construction order as DefaultTrainer.
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -76,6 +85,7 @@ class Trainer(DefaultTrainer):
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer.remove_stale_temporaries()  # main process only (save_to_disk)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -87,9 +97,27 @@ class Trainer(DefaultTrainer):
         hooks.insert(0, RebalanceHook(find_train_sampler(self.data_loader), self.cfg.SOLVER.IMS_PER_BATCH))
         return hooks
 
+    def resume_or_load(self, resume=True):
+        resuming = resume and self.checkpointer.has_checkpoint()
+        super().resume_or_load(resume=resume)
+        if not resuming:  # MODEL.WEIGHTS: made for this model?
+            require_backbone_loaded(self.checkpointer.load_summary, self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS)
+
+    @classmethod
+    def check_inputs(cls, cfg):
+        """Config against datasets, before anything is built (the dataset dicts: build_train_loader)."""
+        check_num_classes(cfg, cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        check_evaluation_datasets(cfg)
+
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_lvis_train_loader(cfg)
+        dataset = build_train_dataset(cfg)
+        check_training_dicts(cfg, dataset)
+        return build_lvis_train_loader(cfg, dataset=dataset)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_checked_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

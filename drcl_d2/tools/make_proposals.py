@@ -5,7 +5,8 @@
 
 The model is built from the config (trailing KEY VALUE pairs override it, as in detectron2's
 tools), MODEL.WEIGHTS is loaded, and every image of the dataset (detectron2's test loader: test-time
-resize, all images, none filtered) goes through the backbone and the RPN only. The RPN is
+resize, all images, none filtered; an unreadable image is skipped with a warning naming it, and gets
+no proposals) goes through the backbone and the RPN only. The RPN is
 class-agnostic by nature; its top-k proposals per image (after its own NMS), rescaled to the
 original image and clipped, are written as a COCO detection-results list::
 
@@ -81,16 +82,17 @@ def _preprocess(model, cfg, batched_inputs):
 @torch.no_grad()
 def generate_proposals(cfg, model, dataset_name: str, topk: int) -> list[dict]:
     """Top-k RPN proposals per image of the dataset, in original image pixels (detection results)."""
-    from detectron2.data import build_detection_test_loader
     from detectron2.modeling.postprocessing import detector_postprocess
     from tqdm import tqdm
+
+    from drcl_d2.data.build import build_checked_test_loader
 
     if getattr(model, "proposal_generator", None) is None or not hasattr(model, "backbone"):
         raise ValueError(
             f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} has no backbone + proposal_generator "
             "(RPN): make_proposals needs an R-CNN style model"
         )
-    loader = build_detection_test_loader(cfg, dataset_name)
+    loader = build_checked_test_loader(cfg, dataset_name)
     results = []
     for batched_inputs in tqdm(loader, desc=f"proposals {dataset_name}", unit="img", file=sys.stderr):
         images = _preprocess(model, cfg, batched_inputs)
@@ -128,10 +130,11 @@ def _write_atomic(path: str, obj) -> None:
 
 def main(argv=None) -> dict:
     """Run the command; returns the summary {"images", "boxes", "mean_boxes_per_image", ...}."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
+
+    from drcl_d2.engine.checkpoint import AtomicDetectionCheckpointer
 
     import drcl_d2.modeling  # noqa: F401  (registers drcl_d2's meta-architectures)
 
@@ -145,7 +148,7 @@ def main(argv=None) -> dict:
     model = build_model(cfg)
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: proposals come from an untrained RPN")
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    AtomicDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # errors name the file; logs how much it set
     model.eval()
 
     start = time.perf_counter()
