@@ -116,11 +116,11 @@ def strip_for_transfer(checkpoint: str, output: str) -> int:
     and the mask head, written as a .pth loaded by exact names. Returns the number of tensors kept."""
     import torch
 
+    from drcl_d2.engine.checkpoint import atomic_torch_save
+
     model = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
     kept = {k: v for k, v in model.items() if not k.startswith(CONTROL_DROPPED_PREFIXES)}
-    tmp = output + ".tmp"
-    torch.save({"model": kept}, tmp)
-    os.replace(tmp, output)
+    atomic_torch_save({"model": kept}, output)
     return len(kept)
 
 

@@ -123,16 +123,21 @@ def test_missing_image_file_is_an_error_naming_it(tmp_path):
         load_lvis_format_json(json_file, root)
 
 
-def test_corrupt_image_is_skipped_by_the_mapper_with_a_warning(tmp_path, caplog):
-    json_file, root = _write_dataset(tmp_path)
-    (tmp_path / "train2017" / "000000000002.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    cfg = _cfg("ds_corrupt", json_file, root, sampler="TrainingSampler")
+def _image_ids_drawn_by_the_loader(name, json_file, root, caplog, draws=12):
+    """Image ids of the first `draws` one-image batches of the training loader, warnings captured."""
+    cfg = _cfg(name, json_file, root, sampler="TrainingSampler")
     cfg.SOLVER.IMS_PER_BATCH = 1
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
     register_datasets_from_config(cfg)
     loader = iter(build_lvis_train_loader(cfg))
     with caplog.at_level(logging.WARNING):
-        seen = [next(loader)[0]["image_id"] for _ in range(12)]
+        return [next(loader)[0]["image_id"] for _ in range(draws)]
+
+
+def test_corrupt_image_is_skipped_by_the_mapper_with_a_warning(tmp_path, caplog):
+    json_file, root = _write_dataset(tmp_path)
+    (tmp_path / "train2017" / "000000000002.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    seen = _image_ids_drawn_by_the_loader("ds_corrupt", json_file, root, caplog)
     assert 2 not in seen and {1, 3} <= set(seen)
     assert "000000000002.jpg (image id 2): unreadable" in caplog.text
 
@@ -248,13 +253,7 @@ def test_an_image_that_decodes_to_a_constant_image_is_skipped_with_a_warning(tmp
     json_file, root = _write_dataset(tmp_path)
     path = tmp_path / "train2017" / "000000000002.jpg"
     Image.fromarray(np.random.default_rng(0).random((48, 64), dtype=np.float32)).save(path, format="TIFF")
-    cfg = _cfg("ds_constant", json_file, root, sampler="TrainingSampler")
-    cfg.SOLVER.IMS_PER_BATCH = 1
-    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
-    register_datasets_from_config(cfg)
-    loader = iter(build_lvis_train_loader(cfg))
-    with caplog.at_level(logging.WARNING):
-        seen = [next(loader)[0]["image_id"] for _ in range(12)]
+    seen = _image_ids_drawn_by_the_loader("ds_constant", json_file, root, caplog)
     assert 2 not in seen and {1, 3} <= set(seen)
     assert "000000000002.jpg (image id 2): it decodes to a constant image" in caplog.text
     assert "PIL mode 'F'" in caplog.text

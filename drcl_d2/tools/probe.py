@@ -57,7 +57,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -65,6 +64,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..engine.checkpoint import atomic_write_text
 
 logger = logging.getLogger("drcl_d2.probe")
 
@@ -459,19 +460,6 @@ def format_table(result: dict) -> str:
     return tabulate(rows, headers=headers, tablefmt="pipe")
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)  # readers never see a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="detectron2 detector config (yaml)")
@@ -515,7 +503,7 @@ def main(argv=None) -> dict:
         print(f"probe: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     result["config"] = args.config_file
-    _write_json_atomic(args.output, result)
+    atomic_write_text(json.dumps(result, indent=2), args.output)  # readers never see a half-written file
     print(f"kNN probe (k={args.k}, T={args.temperature}) of {args.weights or 'random init'}: "
           f"{result['train_dataset']} ({result['num_train_images']} images) -> "
           f"{result['test_dataset']} ({result['num_test_images']} images), {result['seconds']:.1f} s")
