@@ -25,6 +25,10 @@ def _add_dataset_config(cfg: CN) -> None:
     # How an image path is built for LVIS_CUSTOM datasets: "auto" uses the image's `file_name`
     # when it has one, else the last folder of `coco_url` (as detectron2 does for LVIS v1).
     cfg.DATASETS.LVIS_CUSTOM_PATH_RULE = "auto"
+    # Whether loading an LVIS_CUSTOM json checks that every image file exists (an error naming the
+    # first missing ones, before the model is built). Done once per machine; turn it off where
+    # stat-ing every file is slow (network storage) and let the mapper skip unreadable images.
+    cfg.DATASETS.CHECK_IMAGE_FILES = True
 
 
 def _add_checkpoint_config(cfg: CN) -> None:

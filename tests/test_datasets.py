@@ -1,6 +1,7 @@
 """LVIS-format registration from the config, and each bad input's documented error or warning."""
 import json
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -69,9 +70,10 @@ def test_register_from_config_with_metadata(tmp_path):
     assert register_datasets_from_config(cfg) == ["ds_ok"]
     register_datasets_from_config(cfg)  # registering the same triple twice is harmless
     meta = MetadataCatalog.get("ds_ok")
-    assert meta.evaluator_type == "lvis" and meta.thing_classes == ["cat_a", "cat_b"]
+    assert meta.evaluator_type == "lvis" and meta.get("thing_classes") is None  # not read yet
+    dicts = DatasetCatalog.get("ds_ok")  # the loader's parse records the metadata
+    assert meta.thing_classes == ["cat_a", "cat_b"]
     assert meta.thing_dataset_id_to_contiguous_id == {10: 0, 20: 1}
-    dicts = DatasetCatalog.get("ds_ok")
     assert [d["image_id"] for d in dicts] == [1, 2, 3]
     assert dicts[1]["file_name"].endswith("train2017/000000000002.jpg")
     assert sorted(a["category_id"] for a in dicts[1]["annotations"]) == [0, 1]
@@ -231,7 +233,7 @@ def test_num_classes_must_equal_the_category_count(tmp_path):
         Trainer(cfg)
     cfg.DATASETS.TRAIN = ()  # the evaluation dataset is checked too
     with pytest.raises(ValueError, match=r"NUM_CLASSES is 5 but DATASETS.TEST dataset 'ds_numcls'"):
-        Trainer(cfg)
+        Trainer.check_inputs(cfg)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
     Trainer.check_inputs(cfg)
 
@@ -242,9 +244,9 @@ def test_a_category_id_listed_twice_is_an_error(tmp_path):
         cat, {"id": 20, "name": "cat_b", "frequency": "r"}, dict(cat, name="cat_a_again")])
     with pytest.raises(ValueError, match=r"train.json: category id\(s\) 10 are listed more than once"):
         load_lvis_format_json(json_file, root)
+    register_datasets_from_config(_cfg("ds_dup_cat", json_file, root))  # reads nothing yet
     with pytest.raises(ValueError, match=r"category id\(s\) 10 are listed more than once"):
-        register_datasets_from_config(_cfg("ds_dup_cat", json_file, root))
-    assert "ds_dup_cat" not in DatasetCatalog.list()
+        DatasetCatalog.get("ds_dup_cat")  # the first use: the trainer's start, before the model
 
 
 def test_an_image_that_decodes_to_a_constant_image_is_skipped_with_a_warning(tmp_path, caplog):
@@ -354,3 +356,106 @@ def test_an_unreadable_test_image_is_skipped_with_a_warning_not_replaced(tmp_pat
     assert [[d["image_id"] for d in b] for b in batches] == [[1], [3]]
     assert "000000000002.jpg (image id 2): unreadable" in caplog.text
     assert "1 image(s) of ds_bad_test were skipped" in caplog.text
+
+
+# ---- one parse per start -----------------------------------------------------------------------------
+class _JsonOpens:
+    """Counts the times each of some files is opened in this process (Python's 'open' audit event:
+    json.load, pycocotools and the LVIS API all open through it)."""
+
+    active = None  # audit hooks cannot be removed: one hook, switched by this slot
+
+    def __init__(self, *paths):
+        self.counts = {str(p): 0 for p in paths}
+
+    def __enter__(self):
+        if not getattr(_JsonOpens, "_installed", False):
+            sys.addaudithook(_JsonOpens._hook)
+            _JsonOpens._installed = True
+        _JsonOpens.active = self
+        return self
+
+    def __exit__(self, *exc):
+        _JsonOpens.active = None
+
+    @staticmethod
+    def _hook(event, args):
+        counter = _JsonOpens.active
+        if event == "open" and counter is not None and isinstance(args[0], str) and args[0] in counter.counts:
+            counter.counts[args[0]] += 1
+
+
+def _three_datasets(tmp_path):
+    files = {}
+    for name in ("train", "val", "unused"):
+        json_file, root = _write_dataset(tmp_path / name)
+        files[name] = (json_file, root)
+    cfg = _cfg("once_train", *files["train"])
+    cfg.DATASETS.LVIS_CUSTOM = [[f"once_{n}", j, r] for n, (j, r) in files.items()]
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("once_train",), ("once_val",)
+    cfg.MODEL.MASK_ON = False
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    return cfg, {n: j for n, (j, _) in files.items()}
+
+
+def test_a_start_reads_each_json_once_and_unused_datasets_never(tmp_path, monkeypatch):
+    """Registration reads nothing; the trainer's start parses the training json once (its loader's
+    parse also feeds the checks), the test json once for the checks before training (then from the
+    metadata cache on the next start), and a listed dataset that the run does not use never."""
+    monkeypatch.setenv("DRCL_D2_CACHE", str(tmp_path / "cache"))
+    cfg, jsons = _three_datasets(tmp_path)
+    with _JsonOpens(*jsons.values()) as opens:
+        register_datasets_from_config(cfg)
+        assert sum(opens.counts.values()) == 0
+        Trainer(cfg)
+    assert opens.counts == {jsons["train"]: 1, jsons["val"]: 1, jsons["unused"]: 0}
+    assert MetadataCatalog.get("once_val").thing_classes == ["cat_a", "cat_b"]
+    for n in jsons:  # a new process: fresh catalogs, the same files
+        DatasetCatalog.remove(f"once_{n}")
+        MetadataCatalog.remove(f"once_{n}")
+    with _JsonOpens(*jsons.values()) as opens:
+        register_datasets_from_config(cfg)
+        Trainer(cfg)
+    assert opens.counts == {jsons["train"]: 1, jsons["val"]: 0, jsons["unused"]: 0}
+    assert MetadataCatalog.get("once_val").category_frequencies == ["f", "r"]
+
+
+def test_the_metadata_cache_follows_changes_of_the_json(tmp_path, monkeypatch):
+    from drcl_d2.data.datasets import ensure_dataset_metadata
+
+    monkeypatch.setenv("DRCL_D2_CACHE", str(tmp_path / "cache"))
+    json_file, root = _write_dataset(tmp_path)
+    register_datasets_from_config(_cfg("cache_v1", json_file, root))
+    ensure_dataset_metadata("cache_v1")  # parses, writes the cache
+    data = json.loads(open(json_file).read())
+    data["categories"][1]["frequency"] = "c"
+    data["categories"].append({"id": 30, "name": "cat_c", "frequency": "r"})
+    open(json_file, "w").write(json.dumps(data))  # another size (and time): the entry is stale
+    register_datasets_from_config(_cfg("cache_v2", json_file, root))
+    with _JsonOpens(json_file) as opens:
+        ensure_dataset_metadata("cache_v2")
+    assert opens.counts[json_file] == 1
+    meta = MetadataCatalog.get("cache_v2")
+    assert meta.thing_classes == ["cat_a", "cat_b", "cat_c"] and meta.category_frequencies == ["f", "c", "r"]
+    assert meta.thing_dataset_id_to_contiguous_id == {10: 0, 20: 1, 30: 2}
+
+
+def test_missing_images_stop_the_start_before_the_model_is_built_unless_the_check_is_off(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(Trainer, "build_model", classmethod(lambda cls, cfg: built.append(cfg)))
+    json_file, root = _write_dataset(tmp_path)
+    (tmp_path / "train2017" / "000000000002.jpg").unlink()
+    cfg = _cfg("ds_missing_start", json_file, root)
+    register_datasets_from_config(cfg)
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 image files are missing.*000000000002.jpg \(image id 2\)"):
+        Trainer(cfg)
+    assert built == []
+    cfg.DATASETS.CHECK_IMAGE_FILES = False
+    cfg.DATASETS.LVIS_CUSTOM = [["ds_missing_unchecked", json_file, root]]
+    cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = ("ds_missing_unchecked",)
+    register_datasets_from_config(cfg)
+    assert len(DatasetCatalog.get("ds_missing_unchecked")) == 3  # the mapper skips it when drawn

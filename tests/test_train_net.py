@@ -109,6 +109,13 @@ def test_train_writes_checkpoints_and_drb_metrics(straight_run):
             assert f"{task}/{key}" in final
 
 
+def test_drcl_log_lines_reach_the_runs_log(straight_run):
+    """drcl_d2's logger had no handler: its lines never reached stdout or log.txt."""
+    text = (straight_run["out"] / "log.txt").read_text()
+    assert "Using training sampler DynamicRepeatFactorTrainingSampler" in text
+    assert "Loaded 160 images in LVIS format from" in text and "lvis_v1_train.json" in text
+
+
 def test_resume_after_a_crash_continues_exactly(straight_run, tiny_dataset, tmp_path):
     log, batches = {}, []
     cfg = setup(_args(_opts(tiny_dataset, tmp_path)))

@@ -125,13 +125,14 @@ def test_non_contiguous_category_ids_map_back_to_their_dataset_ids(tmp_path):
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
     name = "test_noncontiguous_ids"
     register_lvis_format(name, str(path), str(tmp_path))
+    dicts = DatasetCatalog.get(name)  # the loader's parse records the metadata
     meta = MetadataCatalog.get(name)
     dataset_to_label = meta.thing_dataset_id_to_contiguous_id
     assert dataset_to_label == {10: 0, 20: 1}  # sorted ids, as detectron2 maps LVIS / COCO
     assert meta.thing_classes == ["ten", "twenty"]
     label_to_dataset = {v: k for k, v in dataset_to_label.items()}
     by_image = {a["image_id"]: a["category_id"] for a in anns}
-    for d in DatasetCatalog.get(name):
+    for d in dicts:
         (obj,) = d["annotations"]
         assert label_to_dataset[obj["category_id"]] == by_image[d["image_id"]], d["image_id"]
 

@@ -4,7 +4,9 @@ What a run would otherwise trip over late (at iteration 0, on the image that sho
 or in the evaluation after the whole training) and what can be known from the config, the datasets'
 metadata and the dataset dicts without decoding images is checked here. The dataset-dict check is
 one linear pass over the annotations (under a second for LVIS v1's 1.27M); the metadata checks read
-what :func:`drcl_d2.data.datasets.register_lvis_format` recorded, so no json is read again.
+what the loader recorded when it parsed the json (the trainer builds the training dicts first), and
+for a DATASETS.TEST json the on-disk metadata cache, or one parse
+(:func:`drcl_d2.data.datasets.ensure_dataset_metadata`).
 
 Each is an error that names the dataset, the json, the first few ids and the config key to set:
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from detectron2.data import MetadataCatalog
 
-from .datasets import FREQUENCIES, check_lvis_frequencies, name_some
+from .datasets import FREQUENCIES, check_lvis_frequencies, ensure_dataset_metadata, name_some
 
 __all__ = ["num_classes_key", "check_num_classes", "check_training_dicts", "check_evaluation_datasets"]
 
@@ -45,6 +47,7 @@ def check_num_classes(cfg, dataset_names, role: str) -> None:
     """The model's category count equals each dataset's (datasets without thing_classes pass)."""
     key, num = num_classes_key(cfg)
     for name in dataset_names:
+        ensure_dataset_metadata(name)
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != num:
             consequence = (
@@ -92,6 +95,7 @@ def check_training_dicts(cfg, dataset_dicts: list[dict]) -> None:
 def check_evaluation_datasets(cfg) -> None:
     """What the evaluation after training needs from DATASETS.TEST, checked before training."""
     for name in cfg.DATASETS.TEST:
+        ensure_dataset_metadata(name)
         meta = MetadataCatalog.get(name)
         evaluator_type = meta.get("evaluator_type")
         if evaluator_type not in ("lvis", "coco"):

@@ -11,8 +11,9 @@ image id or annotation id at fault:
 - a degenerate box (non-finite, width or height <= 0), a box entirely outside its image (the mapper
   would clip it away) or a polygon with < 3 points: the annotation is skipped with one warning
   that counts them and names the first few;
-- image files missing on disk: error listing how many and the first few (checked at load, before
-  training starts); a file that exists but cannot be decoded is handled by the mapper
+- image files missing on disk: error listing how many and the first few (checked when the json is
+  loaded, before the model is built, by the first process of each machine; DATASETS.CHECK_IMAGE_FILES
+  False turns it off for storage where stat-ing 100k files is slow); a file that exists but cannot be decoded is handled by the mapper
   (:class:`drcl_d2.data.mappers.CheckedDatasetMapper`).
 """
 from __future__ import annotations
@@ -25,13 +26,15 @@ from typing import Iterable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
+from detectron2.utils import comm
 
 from .image_folder import register_image_folders_from_config
+from .metadata_cache import read_cached_metadata, write_cached_metadata
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["register_lvis_format", "register_datasets_from_config", "load_lvis_format_json",
-           "check_lvis_frequencies", "sorted_categories", "FREQUENCIES"]
+           "ensure_dataset_metadata", "check_lvis_frequencies", "sorted_categories", "FREQUENCIES"]
 
 _MAX_NAMED = 5  # how many offending ids an error or warning lists
 
@@ -206,6 +209,10 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
             f"{json_file}: {len(missing)} of {len(images)} image files are missing under "
             f"{image_root}: {name_some(missing)}"
         )
+    if dataset_name is not None:
+        fields = _metadata_from_json(data, categories)
+        _set_json_metadata(dataset_name, fields)
+        write_cached_metadata(json_file, fields)
     logger.info(f"Loaded {len(dataset_dicts)} images in LVIS format from {json_file}")
     return dataset_dicts
 
@@ -239,37 +246,73 @@ def _annotations_lacking(annotations: list[dict]) -> dict:
     return out
 
 
-def register_lvis_format(name: str, json_file: str, image_root: str, path_rule: str = "auto") -> None:
-    """Register an LVIS-format dataset under `name` with LVIS metadata (evaluator_type "lvis").
+def _metadata_from_json(data: dict, categories: list[dict]) -> dict:
+    """What drcl_d2 records about an LVIS-format json in its MetadataCatalog entry.
 
-    The json is read here once for the metadata; what evaluation will need from it (a frequency
-    per category, `area` and `segmentation` per annotation) is recorded in the metadata as well,
-    so that the trainer can check it before the first iteration without reading the json again.
+    Besides detectron2's fields, what evaluation will need from the json (a frequency per category,
+    `area` and `segmentation` per annotation) is recorded, so that the trainer can check it before
+    the first iteration without reading the json again.
+    """
+    return {
+        "thing_classes": [c.get("name", str(c["id"])) for c in categories],
+        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories)},
+        "class_image_count": [{"id": c["id"], "image_count": c.get("image_count", 0)} for c in categories],
+        "category_frequencies": [c.get("frequency") for c in categories],
+        "annotations_lacking": _annotations_lacking(data["annotations"]),
+    }
+
+
+def _set_json_metadata(name: str, fields: dict) -> None:
+    meta = MetadataCatalog.get(name)
+    if meta.get("thing_classes") is None:  # Metadata.set refuses to change a value: set once
+        meta.set(**fields)
+
+
+def register_lvis_format(name: str, json_file: str, image_root: str, path_rule: str = "auto",
+                         check_files: bool = True) -> None:
+    """Register an LVIS-format dataset under `name` (evaluator_type "lvis"), without reading it.
+
+    The json is parsed once, when the dataset is first used: by the loader (DatasetCatalog.get),
+    which also fills in the metadata read from it (classes, id map, frequencies, what evaluation
+    needs; as detectron2's ``load_lvis_json(dataset_name=...)`` does), or by
+    :func:`ensure_dataset_metadata` for a check that needs the metadata first (that parse's
+    metadata is cached on disk, see :mod:`drcl_d2.data.metadata_cache`). A dataset that a run does
+    not use is never read. `check_files`: whether the loader checks that every image file exists
+    (DATASETS.CHECK_IMAGE_FILES; done by the first process of each machine only).
     """
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if getattr(meta, "json_file", None) == json_file and getattr(meta, "image_root", None) == image_root:
             return  # same registration again (e.g. setup() called twice): nothing to do
         raise ValueError(f"Dataset name {name!r} is already registered with other files")
-    data = _read_json(json_file)
-    categories = sorted_categories(data, json_file)
-    DatasetCatalog.register(
-        name, lambda: load_lvis_format_json(json_file, image_root, name, path_rule)
-    )
-    MetadataCatalog.get(name).set(
-        json_file=json_file,
-        image_root=image_root,
-        evaluator_type="lvis",
-        thing_classes=[c.get("name", str(c["id"])) for c in categories],
-        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
-        class_image_count=[{"id": c["id"], "image_count": c.get("image_count", 0)} for c in categories],
-        category_frequencies=[c.get("frequency") for c in categories],
-        annotations_lacking=_annotations_lacking(data["annotations"]),
-    )
+
+    def load():
+        # Stat every image once per machine, not once per rank (a network file system feels it).
+        return load_lvis_format_json(json_file, image_root, name, path_rule,
+                                     check_files=check_files and comm.get_local_rank() == 0)
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="lvis",
+                                  drcl_lvis_format=True)
+
+
+def ensure_dataset_metadata(name: str) -> None:
+    """Fill in the json-derived metadata of an LVIS-format dataset registered by drcl_d2, when the
+    loader has not yet: from the on-disk metadata cache when it matches the json, else by loading
+    the dataset (one parse). Datasets registered otherwise are left as they are."""
+    meta = MetadataCatalog.get(name)
+    if not meta.get("drcl_lvis_format") or meta.get("thing_classes") is not None:
+        return
+    cached = read_cached_metadata(meta.json_file)
+    if cached is not None:
+        _set_json_metadata(name, cached)
+        return
+    DatasetCatalog.get(name)  # parses, sets the metadata and writes the cache
 
 
 def register_datasets_from_config(cfg) -> list[str]:
-    """Register every [name, json_file, image_root] triple of cfg.DATASETS.LVIS_CUSTOM."""
+    """Register every [name, json_file, image_root] triple of cfg.DATASETS.LVIS_CUSTOM (no json is
+    read here: see :func:`register_lvis_format`)."""
     names = []
     for i, entry in enumerate(cfg.DATASETS.LVIS_CUSTOM):
         if len(entry) != 3:
@@ -277,7 +320,8 @@ def register_datasets_from_config(cfg) -> list[str]:
                 f"DATASETS.LVIS_CUSTOM[{i}] must be [name, json_file, image_root], got {list(entry)}"
             )
         name, json_file, image_root = entry
-        register_lvis_format(name, json_file, image_root, cfg.DATASETS.LVIS_CUSTOM_PATH_RULE)
+        register_lvis_format(name, json_file, image_root, cfg.DATASETS.LVIS_CUSTOM_PATH_RULE,
+                             check_files=cfg.DATASETS.CHECK_IMAGE_FILES)
         names.append(name)
     names += register_image_folders_from_config(cfg)  # DATASETS.IMAGE_FOLDERS: unlabeled (DetCo / MoCo v2)
     return names

@@ -42,7 +42,7 @@ import torchvision.transforms.v2.functional as TF
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 
-from .photometric import apply_color_jitter, blur_kernel_size
+from .photometric import apply_color_jitter, blur_kernel_size, gaussian_blur
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class DetCoViewMapper:
             sigma = float(rng.uniform(*self.blur_sigma))
             k = blur_kernel_size(img.shape[-2], img.shape[-1], sigma, max_fraction=None)
             if k >= 3:
-                img = TF.gaussian_blur(img, [k, k], [sigma, sigma])
+                img = gaussian_blur(img, k, sigma)
         if rng.random() < self.flip_prob:
             img = TF.horizontal_flip(img)
         return img

@@ -9,9 +9,10 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-__all__ = ["apply_color_jitter", "blur_kernel_size"]
+__all__ = ["apply_color_jitter", "blur_kernel_size", "gaussian_blur"]
 
 _JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
@@ -45,3 +46,35 @@ def blur_kernel_size(height: int, width: int, sigma: float, max_fraction: float 
     k = max(3, k)
     k = k if k % 2 == 1 else k + 1
     return min(k, 2 * (short - 1) + 1)  # reflect padding needs k // 2 < short
+
+
+def gaussian_blur(img: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """torchvision's gaussian_blur (reflect padding, the same truncated kernel) on a (C, H, W) image,
+    computed as two 1-D passes of shifted, weighted sums instead of a convolution.
+
+    Why: the pretraining crops change size every sample, and a CPU convolution goes through
+    oneDNN, which compiles and caches a kernel plan per input shape (up to 1024 plans, ~2 MB
+    each): data-loader workers grew by ~1.1 MB per blurred sample (benchmarks/bench_loader_memory.py).
+    Shifted sums use only elementwise kernels, which keep no per-shape state. The result equals
+    torchvision's up to float summation order (uint8: at most one grey level apart).
+    """
+    k = int(kernel_size)
+    if k < 3 or k % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
+    half = k // 2
+    x = torch.linspace(-half, half, steps=k, dtype=torch.float32)
+    weights = torch.exp(-0.5 * (x / float(sigma)) ** 2)
+    weights = (weights / weights.sum()).tolist()  # (k,) torchvision's 1-D kernel
+    out = img if img.is_floating_point() else img.to(torch.float32)
+    height, width = out.shape[-2:]
+    # (C, H + 2h, W + 2h): reflect padding as torchvision pads before its convolution.
+    padded = F.pad(out[None], [half, half, half, half], mode="reflect")[0]
+    rows = padded[..., 0:width] * weights[0]  # (C, H + 2h, W) horizontal pass
+    for t in range(1, k):
+        rows.add_(padded[..., t:t + width], alpha=weights[t])
+    out = rows[..., 0:height, :] * weights[0]  # (C, H, W) vertical pass
+    for t in range(1, k):
+        out.add_(rows[..., t:t + height, :], alpha=weights[t])
+    if not img.is_floating_point():
+        out = out.round_().to(img.dtype)
+    return out

@@ -50,7 +50,7 @@ from detectron2.data.transforms import (
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from .photometric import apply_color_jitter, blur_kernel_size
+from .photometric import apply_color_jitter, blur_kernel_size, gaussian_blur
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class TwoViewBoxMapper:
         sigma = float(rng.uniform(*self.blur_sigma))
         k = blur_kernel_size(img.shape[-2], img.shape[-1], sigma)
         if blur and k > 0:
-            img = TF.gaussian_blur(img, kernel_size=[k, k], sigma=[sigma, sigma])
+            img = gaussian_blur(img, k, sigma)
         if rng.random() < self.solarize_prob[view]:
             img = TF.solarize(img, threshold=SOLARIZE_THRESHOLD)
         return img

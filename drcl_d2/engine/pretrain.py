@@ -23,7 +23,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.build import build_train_dataset, build_train_sampler
+from ..data.build import build_train_sampler
 from ..data.pretrain import build_pretrain_loader
 from .checkpoint import AtomicDetectionCheckpointer
 from .hooks import RebalanceHook, find_train_sampler
@@ -76,7 +76,7 @@ class PretrainTrainer(Trainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        dataset = build_train_dataset(cfg)
+        dataset = cls.prebuilt_train_dataset(cfg)
         # Each pretraining meta-architecture knows its inputs (two box views, jigsaw patches...).
         meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
         if not hasattr(meta_arch, "build_mapper"):

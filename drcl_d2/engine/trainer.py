@@ -1,9 +1,10 @@
 """The fine-tuning trainer: detectron2's DefaultTrainer with drcl_d2's data pipeline.
 
 What differs from DefaultTrainer, and why:
-- check_inputs: what the run would otherwise trip over late (NUM_CLASSES against the datasets,
-  masks against the mask head, what the evaluation after training needs) is checked before the
-  model is built (drcl_d2.data.checks);
+- the training json is parsed first (once per process), then check_inputs: what the run would
+  otherwise trip over late (missing images, NUM_CLASSES against the datasets, masks against the
+  mask head, what the evaluation after training needs) is checked before the model is built
+  (drcl_d2.data.checks);
 - build_train_loader: the LVIS pipeline (checked mapper + uniform / RFS / DRB sampler by name),
   every sampler resuming at the trainer's iteration;
 - build_test_loader: detectron2's, with the checked mapper: an unusable test image is skipped with a
@@ -17,6 +18,7 @@ What differs from DefaultTrainer, and why:
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import weakref
@@ -34,11 +36,14 @@ from detectron2.utils.logger import setup_logger
 from ..config import add_drcl_config
 from ..data.build import build_checked_test_loader, build_lvis_train_loader, build_train_dataset
 from ..data.checks import check_evaluation_datasets, check_num_classes, check_training_dicts
-from ..data.datasets import FREQUENCIES, check_lvis_frequencies, register_datasets_from_config
+from ..data.datasets import FREQUENCIES, check_lvis_frequencies, ensure_dataset_metadata, register_datasets_from_config
 from .checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
 from .hooks import RebalanceHook, find_train_sampler
 
 __all__ = ["Trainer", "setup", "build_evaluator", "ddp_device_ids"]
+
+# (cfg, training dicts) while Trainer.__init__ builds its loader: see Trainer.prebuilt_train_dataset.
+_PREBUILT_TRAIN_DATASET: contextvars.ContextVar = contextvars.ContextVar("drcl_prebuilt_train_dataset", default=None)
 
 
 def ddp_device_ids(cfg):
@@ -50,6 +55,7 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None):
     """LVISEvaluator for LVIS-format datasets, COCOEvaluator for COCO ones (by metadata)."""
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    ensure_dataset_metadata(dataset_name)
     meta = MetadataCatalog.get(dataset_name)
     evaluator_type = getattr(meta, "evaluator_type", None)
     if evaluator_type == "lvis":
@@ -72,11 +78,19 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        # The training json is parsed once, here, before the model is built: what the data can get
+        # wrong (missing images, categories, masks) stops the run in seconds, not after the build.
+        train_dataset = self.build_train_dataset(cfg)
         self.check_inputs(cfg)
-        # Same construction order as DefaultTrainer.
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        # detectron2's signature build_train_loader(cfg) stays (subclasses override it); the list
+        # parsed above is handed over instead of parsing the json a second time.
+        token = _PREBUILT_TRAIN_DATASET.set((cfg, train_dataset))
+        try:
+            data_loader = self.build_train_loader(cfg)
+        finally:
+            _PREBUILT_TRAIN_DATASET.reset(token)
         model = create_ddp_model(
             model, broadcast_buffers=False, device_ids=ddp_device_ids(cfg),
             # A pretraining model with a loss term switched off leaves that term's modules unused.
@@ -105,15 +119,29 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def check_inputs(cls, cfg):
-        """Config against datasets, before anything is built (the dataset dicts: build_train_loader)."""
+        """Config against datasets, before the model is built (after build_train_dataset, whose parse
+        recorded the training datasets' metadata)."""
         check_num_classes(cfg, cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
         check_evaluation_datasets(cfg)
 
     @classmethod
-    def build_train_loader(cls, cfg):
+    def build_train_dataset(cls, cfg) -> list[dict]:
+        """DATASETS.TRAIN's dicts as the loader will use them (one parse per json), checked."""
         dataset = build_train_dataset(cfg)
         check_training_dicts(cfg, dataset)
-        return build_lvis_train_loader(cfg, dataset=dataset)
+        return dataset
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_lvis_train_loader(cfg, dataset=cls.prebuilt_train_dataset(cfg))
+
+    @classmethod
+    def prebuilt_train_dataset(cls, cfg) -> list[dict]:
+        """The list the trainer built (and checked) at its start for this cfg, else a new one."""
+        prebuilt = _PREBUILT_TRAIN_DATASET.get()
+        if prebuilt is not None and prebuilt[0] is cfg:
+            return prebuilt[1]
+        return cls.build_train_dataset(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -125,7 +153,8 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args, extra_setup=None):
-    """Config from file + opts, drcl_d2's datasets registered, then detectron2's default_setup."""
+    """Config from file + opts, drcl_d2's datasets registered (not read), then detectron2's
+    default_setup, and drcl_d2's logger beside detectron2's."""
     cfg = get_cfg()
     add_drcl_config(cfg)
     if extra_setup is not None:
@@ -138,5 +167,10 @@ def setup(args, extra_setup=None):
         logging.getLogger(__name__).warning("No CUDA device available: running on the CPU (MODEL.DEVICE cpu)")
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
-    default_setup(cfg, args)
+    default_setup(cfg, args)  # detectron2's and fvcore's loggers: stdout and OUTPUT_DIR/log.txt
+    # drcl_d2's own lines (datasets loaded, sampler, Dynamic Rebalancing, health) go to the same places.
+    # Propagated: records also reach the root logger's handlers (an application's own logging,
+    # pytest's caplog); scripts leave the root without handlers. The full name is kept: an
+    # abbreviation would rename the records themselves (detectron2's formatter edits record.name).
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="drcl_d2", enable_propagation=True)
     return cfg
