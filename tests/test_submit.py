@@ -1,0 +1,82 @@
+"""drcl_d2.tools.submit on submitit's LocalExecutor: a tiny 2DRCL pretraining job, interrupted with the
+signal SLURM sends before a time limit, requeues itself with --resume and ends bit-identical to an
+uninterrupted run."""
+import os
+import signal
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_pretrain_net import CONFIG, _args  # noqa: E402
+
+from drcl_d2.engine.pretrain import PretrainTrainer  # noqa: E402
+from drcl_d2.engine.trainer import setup  # noqa: E402
+from drcl_d2.tools.submit import submit  # noqa: E402
+
+# 6 iterations, a checkpoint every 2: the signal comes after the first one, with 4 iterations to go.
+RUN = {"SOLVER.MAX_ITER": 6, "SOLVER.STEPS": "(4,)", "SOLVER.CHECKPOINT_PERIOD": 2}
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (LocalExecutor's controller starts one per task)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: ppid (after "(comm)")
+                children.append(int(entry))
+    return children
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def test_interrupted_job_requeues_resumes_and_ends_bit_identical(tiny_dataset, tmp_path):
+    straight_dir, job_dir = tmp_path / "straight", tmp_path / "job"
+    trainer = PretrainTrainer(setup(_args(tiny_dataset, straight_dir, **RUN)))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+
+    opts = _args(tiny_dataset, job_dir, **RUN).opts
+    job = submit(["--script", "pretrain", "--config-file", CONFIG, "--cluster", "local", "--gpus-per-node", "1",
+                  "--timeout-min", "10", *opts])
+    assert job.paths.folder == job_dir / "submitit" / str(job.job_id)  # submitit's logs inside OUTPUT_DIR
+    _wait_for(lambda: (job_dir / "model_0000001.pth").exists() or job.done(), 120, "the first checkpoint")
+    assert not job.done(), job.stderr()
+    (task,) = _child_pids(job._process.pid)  # the one task (SLURM signals its tasks the same way)
+    os.kill(task, signal.SIGUSR2)
+    job.result()  # raises if the requeued run failed
+
+    stdout, log = job.stdout(), (job_dir / "log.txt").read_text()
+    assert "this job is timed-out" in stdout and "Requeued job" in stdout
+    assert "requeued; the next run resumes from the last checkpoint" in stdout
+    assert stdout.count("drcl_d2 submit:") == 3  # first start, checkpoint(), second start
+    assert "resume True" in stdout.rsplit("drcl_d2 submit: JobEnvironment", 1)[1]
+    # detectron2's log.txt (appended by both runs): the second started at a checkpoint, not from scratch.
+    starts = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "Starting training from iteration" in line]
+    assert starts[0] == 0 and len(starts) == 2 and starts[1] in (2, 4), starts
+
+    a = torch.load(straight_dir / "model_final.pth", weights_only=False)
+    b = torch.load(job_dir / "model_final.pth", weights_only=False)
+    assert a["iteration"] == b["iteration"] == 5
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:  # online and target weights, queues and pointers
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    opt_a, opt_b = (c["trainer"]["_trainer"]["optimizer"]["state"] for c in (a, b))
+    assert len(opt_a) == len(opt_b) > 0
+    for sa, sb in zip(opt_a.values(), opt_b.values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["trainer"]["hooks"] == b["trainer"]["hooks"]  # LR scheduler, sampler position
