@@ -61,13 +61,17 @@ def test_interrupted_job_requeues_resumes_and_ends_bit_identical(tiny_dataset, t
     job.result()  # raises if the requeued run failed
 
     stdout, log = job.stdout(), (job_dir / "log.txt").read_text()
-    assert "this job is timed-out" in stdout and "Requeued job" in stdout
-    assert "requeued; the next run resumes from the last checkpoint" in stdout
-    assert stdout.count("drcl_d2 submit:") == 3  # first start, checkpoint(), second start
-    assert "resume True" in stdout.rsplit("drcl_d2 submit: JobEnvironment", 1)[1]
-    # detectron2's log.txt (appended by both runs): the second started at a checkpoint, not from scratch.
+    # The trainer finished its step and saved it; then submitit's handler called checkpoint() and requeued.
+    events = ["SIGUSR2: checkpoint after this step, then requeue", "drcl_d2 submit: stopped after iteration",
+              "this job is timed-out", "requeued; the next run resumes from the last checkpoint", "Requeued job",
+              "resume True", "Job completed successfully"]
+    positions = [stdout.find(e) for e in events]
+    assert -1 not in positions and positions == sorted(positions), dict(zip(events, positions))
+    stopped = int(stdout.split("stopped after iteration ")[1].split(",")[0])
+    assert 1 <= stopped < 5 and (job_dir / f"model_{stopped:07d}.pth").exists()
+    # detectron2's log.txt (appended by both runs): the second run starts right after the stop, losing no step.
     starts = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "Starting training from iteration" in line]
-    assert starts[0] == 0 and len(starts) == 2 and starts[1] in (2, 4), starts
+    assert starts == [0, stopped + 1], starts
 
     a = torch.load(straight_dir / "model_final.pth", weights_only=False)
     b = torch.load(job_dir / "model_final.pth", weights_only=False)
@@ -80,3 +84,23 @@ def test_interrupted_job_requeues_resumes_and_ends_bit_identical(tiny_dataset, t
     for sa, sb in zip(opt_a.values(), opt_b.values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert a["trainer"]["hooks"] == b["trainer"]["hooks"]  # LR scheduler, sampler position
+
+
+def test_two_tasks_join_one_process_group_and_train_with_ddp(tiny_dataset, tmp_path):
+    """tasks_per_node 2: two detectron2 workers (gloo) joined by the job's ranks and tcp:// URL."""
+    opts = _args(tiny_dataset, tmp_path, **{"SOLVER.IMS_PER_BATCH": 4, "SOLVER.MAX_ITER": 2,
+                                            "SOLVER.CHECKPOINT_PERIOD": 100,
+                                            "MODEL.DRCL.HCL_QUEUE_SIZE": 32}).opts
+    job = submit(["--script", "pretrain", "--config-file", CONFIG, "--cluster", "local", "--gpus-per-node", "2",
+                  "--timeout-min", "10", *opts])
+    job.results()  # both tasks; raises if one failed
+    for rank in (0, 1):
+        assert f"Rank of current process: {rank}. World size: 2" in (tmp_path / f"log.txt{'.rank1' * rank}").read_text()
+    urls = {line.split("dist_url ")[1].split(",")[0] for task in job._sub_jobs for line in task.stdout().splitlines()
+            if line.startswith("drcl_d2 submit: JobEnvironment")}
+    assert len(urls) == 1 and urls.pop().startswith("tcp://127.0.0.1:")  # one rendezvous for both tasks
+    final = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    assert final["iteration"] == 1
+    # 2 iterations x global batch 4 (2 per rank) x 2 views, gathered from both ranks (one rank's alone: 8).
+    assert int(final["model"]["queue_hcl.ptr"]) == 2 * 4 * 2
+    assert final["trainer"]["hooks"]["RebalanceHook"]["next_position"] == 8

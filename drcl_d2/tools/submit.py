@@ -10,11 +10,11 @@ tcp:// URL on the job's first node. A task per node calling detectron2's `launch
 workers itself, and SLURM's warning signal would then reach processes that submitit does not handle.
 
 At a time limit (SLURM sends USR2 --signal-delay-s before it) or a preemption that the cluster
-signals the same way, submitit calls `DistributedTrainingJob.checkpoint` on rank 0, which
-requeues the same job with `--resume`: it continues from the last checkpoint in OUTPUT_DIR
-(written atomically every SOLVER.CHECKPOINT_PERIOD iterations; later iterations are redone,
-and pretraining resumes bit for bit). A job that SLURM requeues by itself (SLURM_RESTART_COUNT > 0)
-resumes too. submitit's logs and pickles go to OUTPUT_DIR/submitit/<job id>/, beside
+signals the same way, the trainer finishes its current step and saves a checkpoint (atomically,
+StopOnRequestHook); then submitit calls `DistributedTrainingJob.checkpoint` on rank 0, which
+requeues the same job with `--resume`: it continues from that checkpoint (pretraining bit for
+bit). A job that SLURM requeues by itself (SLURM_RESTART_COUNT > 0) resumes too, from the last
+periodic checkpoint. submitit's logs and pickles go to OUTPUT_DIR/submitit/<job id>/, beside
 detectron2's log.txt, metrics.json, config.yaml and checkpoints.
 
 `--cluster local` runs the same job on this machine with submitit's LocalExecutor (one node).
@@ -24,18 +24,19 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import logging
 import os
+import signal
 import sys
+import threading
+import traceback
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 
 from ..config import add_drcl_config
+from ..engine.hooks import request_stop, stopped_at_iteration
 
 __all__ = ["DistributedTrainingJob", "build_parser", "load_script_main", "output_dir_of", "submit", "main"]
-
-logger = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = {"train": "train_net.py", "pretrain": "pretrain_net.py"}
@@ -60,6 +61,16 @@ def load_script_main(script: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # defines main; the launch under __main__ does not run
     return module.main
+
+
+def _requeue_from_thread(requeue, usr_sig) -> None:
+    """submitit's requeue from a timer thread: its exit must end the process, not only the thread."""
+    try:
+        requeue(usr_sig, None)
+    except SystemExit as e:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code if isinstance(e.code, int) else 1)
 
 
 def _requeued_by_slurm() -> bool:
@@ -87,7 +98,7 @@ class DistributedTrainingJob:
         print(f"drcl_d2 submit: {job_env}, dist_url {args.dist_url}, resume {args.resume}", flush=True)
         main_func = load_script_main(self.script)
         if dist_env.world_size == 1:
-            return main_func(args)  # as detectron2's launch does for one process
+            return self._stop_between_steps(job_env, lambda: main_func(args))  # as detectron2's launch does
         # detectron2 numbers ranks node by node (machine_rank * gpus + local_rank), as SLURM does by default.
         expected = job_env.node * dist_env.local_world_size + dist_env.local_rank
         if dist_env.rank != expected:
@@ -97,8 +108,42 @@ class DistributedTrainingJob:
         # The worker body of detectron2's launch: process group, local group, device, then main.
         from detectron2.engine.launch import _distributed_worker
 
-        return _distributed_worker(dist_env.local_rank, main_func, dist_env.world_size, dist_env.local_world_size,
-                                   job_env.node, args.dist_url, (args,))
+        return self._stop_between_steps(job_env, lambda: _distributed_worker(
+            dist_env.local_rank, main_func, dist_env.world_size, dist_env.local_world_size, job_env.node,
+            args.dist_url, (args,)))
+
+    def _stop_between_steps(self, job_env, run):
+        """Runs `run()`; at USR2 the trainer checkpoints after its current step, then submitit requeues.
+
+        submitit's own handler (checkpoint() and requeue, on rank 0) would exit in the middle of a
+        step and lose the iterations since the last periodic checkpoint. It runs once the trainer has
+        stopped (StopOnRequestHook), or after half of --signal-delay-s if no step ends by then (a long
+        evaluation): the job then resumes from the last periodic checkpoint.
+        """
+        usr_sig = job_env._usr_sig()
+        requeue = signal.getsignal(usr_sig)  # submitit's, installed before the job function runs
+        fallback = threading.Timer(getattr(self.args, "signal_delay_s", 120) / 2, _requeue_from_thread,
+                                   args=(requeue, usr_sig))
+        fallback.daemon = True
+
+        def on_signal(signum, frame):
+            print(f"drcl_d2 submit: {signal.Signals(signum).name}: checkpoint after this step, then requeue", flush=True)
+            request_stop()
+            if fallback.ident is None:
+                fallback.start()
+
+        signal.signal(usr_sig, on_signal)
+        try:
+            return run()
+        except BaseException:
+            if stopped_at_iteration() is None:
+                raise
+            # after_train hooks run while TrainingStopped unwinds; an error of theirs does not matter now.
+            traceback.print_exc()
+        finally:
+            fallback.cancel()
+        print(f"drcl_d2 submit: stopped after iteration {stopped_at_iteration()}, its checkpoint saved", flush=True)
+        requeue(usr_sig, None)  # calls checkpoint(), requeues and exits
 
     def checkpoint(self):
         """Called by submitit on rank 0 at USR2: the same job again, resuming from OUTPUT_DIR."""
