@@ -13,7 +13,7 @@ from test_pretrain_net import CONFIG, _args  # noqa: E402
 
 from drcl_d2.engine.pretrain import PretrainTrainer  # noqa: E402
 from drcl_d2.engine.trainer import setup  # noqa: E402
-from drcl_d2.tools.submit import submit  # noqa: E402
+from drcl_d2.tools.submit import build_executor, parse_args, submit  # noqa: E402
 
 # 6 iterations, a checkpoint every 2: the signal comes after the first one, with 4 iterations to go.
 RUN = {"SOLVER.MAX_ITER": 6, "SOLVER.STEPS": "(4,)", "SOLVER.CHECKPOINT_PERIOD": 2}
@@ -104,3 +104,21 @@ def test_two_tasks_join_one_process_group_and_train_with_ddp(tiny_dataset, tmp_p
     # 2 iterations x global batch 4 (2 per rank) x 2 views, gathered from both ranks (one rank's alone: 8).
     assert int(final["model"]["queue_hcl.ptr"]) == 2 * 4 * 2
     assert final["trainer"]["hooks"]["RebalanceHook"]["next_position"] == 8
+
+
+def test_sbatch_script_asks_for_nodes_times_one_task_per_gpu(tmp_path, monkeypatch):
+    """What `--nodes 2 --gpus-per-node 8` puts in the sbatch script (submitit writes it; nothing is submitted)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # never run: submitit only looks for it on PATH
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    args = parse_args(["--script", "train", "--config-file", CONFIG, "--nodes", "2", "--gpus-per-node", "8",
+                       "--partition", "learnlab", "--timeout-min", "4320", "--cluster", "slurm",
+                       "OUTPUT_DIR", str(tmp_path / "run")])
+    assert args.opts[-2:] == ["OUTPUT_DIR", str(tmp_path / "run")] and os.path.isabs(args.config_file)
+    sbatch = build_executor(args, args.opts[-1])._executor._make_submission_file_text("python -m x", "UID")
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10",
+                 "--partition=learnlab", "--time=4320", "--signal=USR2@120", "--job-name=drcl_train",
+                 f"--output={tmp_path}/run/submitit/%j/%j_0_log.out"):
+        assert f"#SBATCH {line}\n" in sbatch, line

@@ -36,7 +36,8 @@ from detectron2.engine import default_argument_parser
 from ..config import add_drcl_config
 from ..engine.hooks import request_stop, stopped_at_iteration
 
-__all__ = ["DistributedTrainingJob", "build_parser", "load_script_main", "output_dir_of", "submit", "main"]
+__all__ = ["DistributedTrainingJob", "build_executor", "build_parser", "load_script_main", "output_dir_of",
+           "parse_args", "submit", "main"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = {"train": "train_net.py", "pretrain": "pretrain_net.py"}
@@ -93,7 +94,7 @@ class DistributedTrainingJob:
         args.resume = args.resume or _requeued_by_slurm()
         args.num_gpus, args.num_machines, args.machine_rank = dist_env.local_world_size, job_env.num_nodes, job_env.node
         # LocalExecutor's node is this machine; its hostname need not resolve.
-        master = "127.0.0.1" if job_env.cluster in ("local", "debug") else dist_env.master_addr
+        master = "127.0.0.1" if job_env.cluster == "local" else dist_env.master_addr
         args.dist_url = f"tcp://{master}:{dist_env.master_port}"
         print(f"drcl_d2 submit: {job_env}, dist_url {args.dist_url}, resume {args.resume}", flush=True)
         main_func = load_script_main(self.script)
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--signal-delay-s", type=int, default=120,
                        help="USR2 comes this long before the time limit (requeue time)")
     group.add_argument("--max-requeues", type=int, default=20, help="time limits the job may hit before it stops")
-    group.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+    group.add_argument("--cluster", choices=("slurm", "local"), default=None,
                        help="default: slurm where sbatch exists, else local (this machine, one node)")
     return parser
 
@@ -187,7 +188,12 @@ def output_dir_of(args) -> str:
     return os.path.abspath(cfg.OUTPUT_DIR)
 
 
-def _check(args) -> None:
+def _check(parser, args) -> None:
+    for name, instead in (("num_gpus", "--gpus-per-node"), ("num_machines", "--nodes"), ("machine_rank", None),
+                          ("dist_url", None)):
+        if getattr(args, name) != parser.get_default(name):
+            raise SystemExit(f"--{name.replace('_', '-')} comes from the job here"
+                             + (f": use {instead}" if instead else " (SLURM's ranks and first node)"))
     if not args.config_file:
         raise SystemExit("--config-file is required")
     if args.script == "pretrain" and args.eval_only:
@@ -198,16 +204,9 @@ def _check(args) -> None:
         raise SystemExit("--cluster local runs on this machine: --nodes 1")
 
 
-def submit(argv=None):
-    """Parses `argv` (sys.argv[1:] by default) and submits the job; returns submitit's Job."""
-    args = build_parser().parse_args(argv)
-    _check(args)
+def build_executor(args, output_dir: str):
+    """submitit's executor for `args`: nodes x one task per GPU, logs in OUTPUT_DIR/submitit/<job id>."""
     submitit = _import_submitit()
-    # Absolute paths: the job may start in another working directory.
-    args.config_file = os.path.abspath(args.config_file)
-    output_dir = output_dir_of(args)
-    args.opts = list(args.opts) + ["OUTPUT_DIR", output_dir]
-
     executor = submitit.AutoExecutor(folder=os.path.join(output_dir, SUBMITIT_FOLDER), cluster=args.cluster,
                                      slurm_max_num_timeout=args.max_requeues,
                                      local_max_num_timeout=args.max_requeues)
@@ -226,6 +225,25 @@ def submit(argv=None):
         slurm_comment=args.comment,
         slurm_signal_delay_s=args.signal_delay_s,
     )
+    return executor
+
+
+def parse_args(argv=None):
+    """The launcher's arguments, checked, with absolute paths and OUTPUT_DIR resolved into opts."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    # Absolute paths: the job may start in another working directory.
+    args.config_file = os.path.abspath(args.config_file)
+    args.opts = list(args.opts) + ["OUTPUT_DIR", output_dir_of(args)]
+    return args
+
+
+def submit(argv=None):
+    """Parses `argv` (sys.argv[1:] by default) and submits the job; returns submitit's Job."""
+    args = parse_args(argv)
+    output_dir = args.opts[-1]
+    executor = build_executor(args, output_dir)
     job = executor.submit(DistributedTrainingJob(args.script, args))
     print(f"Submitted job {job.job_id} ({executor.cluster}): {args.nodes} node(s) x {args.gpus_per_node} GPU(s); "
           f"output {output_dir}, submitit logs {os.path.join(output_dir, 'submitit', str(job.job_id))}")
