@@ -138,4 +138,5 @@ class StopOnRequestHook(HookBase):
         # The name and extra state of detectron2's PeriodicCheckpointer.
         self.checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
         _stopped_at.append(iteration)
+        _stop_requested.clear()  # a request stops one training run
         raise TrainingStopped(iteration)

@@ -34,7 +34,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 
 from ..config import add_drcl_config
-from ..engine.hooks import request_stop, stopped_at_iteration
+from ..engine.hooks import TrainingStopped, request_stop, stopped_at_iteration
 
 __all__ = ["DistributedTrainingJob", "build_executor", "build_parser", "load_script_main", "output_dir_of",
            "parse_args", "submit", "main"]
@@ -134,15 +134,19 @@ class DistributedTrainingJob:
                 fallback.start()
 
         signal.signal(usr_sig, on_signal)
+        result = None
         try:
-            return run()
-        except BaseException:
+            result = run()
+        except BaseException as e:
             if stopped_at_iteration() is None:
                 raise
-            # after_train hooks run while TrainingStopped unwinds; an error of theirs does not matter now.
-            traceback.print_exc()
+            if not isinstance(e, TrainingStopped):
+                # An after_train hook failed while TrainingStopped unwound; the checkpoint is saved already.
+                traceback.print_exc()
         finally:
             fallback.cancel()
+        if stopped_at_iteration() is None:
+            return result
         print(f"drcl_d2 submit: stopped after iteration {stopped_at_iteration()}, its checkpoint saved", flush=True)
         requeue(usr_sig, None)  # calls checkpoint(), requeues and exits
 
