@@ -23,7 +23,10 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout"]},
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "submitit>=1.5"],  # the tests run the SLURM launcher locally
+        "slurm": ["submitit>=1.5"],  # python -m drcl_d2.tools.submit
+    },
     entry_points={
         "console_scripts": [
             "drcl-convert=drcl_d2.checkpoint.convert:main",

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from detectron2.engine import HookBase
+from detectron2.utils import comm
 
 from ..data.samplers import DynamicRepeatFactorTrainingSampler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RebalanceHook", "find_train_sampler"]
+__all__ = ["RebalanceHook", "find_train_sampler", "StopOnRequestHook", "TrainingStopped", "request_stop",
+           "stopped_at_iteration"]
 
 
 def find_train_sampler(data_loader):
@@ -87,3 +90,53 @@ class RebalanceHook(HookBase):
         name = self._sampler_name()
         if state.get("sampler") not in (None, name):
             logger.warning(f"Resuming with sampler {name}; the checkpoint used {state['sampler']}.")
+
+
+# Set from a signal handler (the SLURM launcher's, at USR2); read by StopOnRequestHook.
+_stop_requested = threading.Event()
+_stopped_at: list[int] = []  # the iteration whose checkpoint StopOnRequestHook saved before stopping
+
+
+class TrainingStopped(BaseException):
+    """Raised by StopOnRequestHook once the checkpoint of the finished step is on disk.
+
+    A BaseException, like KeyboardInterrupt: a requested stop, not an error for `except Exception`
+    (detectron2's train loop would log it as "Exception during training").
+    """
+
+    def __init__(self, iteration: int):
+        super().__init__(f"training stopped on request after iteration {iteration} (checkpoint saved)")
+        self.iteration = iteration
+
+
+def request_stop() -> None:
+    """Ask the trainer of this process to checkpoint after its current step and stop (safe in a signal handler)."""
+    _stop_requested.set()
+
+
+def stopped_at_iteration() -> int | None:
+    return _stopped_at[-1] if _stopped_at else None
+
+
+class StopOnRequestHook(HookBase):
+    """After a step, when request_stop() was called: save a checkpoint of that step, raise TrainingStopped.
+
+    A signal stops training between steps, never in the middle of one, so a requeued job resumes
+    from the last finished step (not from the last periodic checkpoint). Only the main process
+    acts: it alone writes checkpoints and requeues, as submitit's handler has it; the other ranks
+    wait in the next step's collectives until the requeue ends the job. On the last iteration the
+    run finishes normally (final checkpoint, evaluation). Registered last, after the writers.
+    """
+
+    def __init__(self, checkpointer):
+        self.checkpointer = checkpointer
+
+    def after_step(self):
+        iteration = self.trainer.iter
+        if not _stop_requested.is_set() or not comm.is_main_process() or iteration + 1 >= self.trainer.max_iter:
+            return
+        # The name and extra state of detectron2's PeriodicCheckpointer.
+        self.checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
+        _stopped_at.append(iteration)
+        _stop_requested.clear()  # a request stops one training run
+        raise TrainingStopped(iteration)

@@ -14,6 +14,7 @@ What differs from DefaultTrainer, and why:
   loading MODEL.WEIGHTS says how much of the model it set, and stops when it set less than half
   of the backbone (unless MODEL.ALLOW_PARTIAL_WEIGHTS);
 - RebalanceHook keeps the sampler on the trainer's iteration and logs Dynamic Rebalancing;
+- StopOnRequestHook checkpoints and stops between steps when the SLURM launcher is signalled;
 - DDP without device_ids on CPU, so `--num-gpus 2` runs as 2 gloo processes (tests do this).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..data.build import build_checked_test_loader, build_lvis_train_loader, bui
 from ..data.checks import check_evaluation_datasets, check_num_classes, check_training_dicts
 from ..data.datasets import FREQUENCIES, check_lvis_frequencies, ensure_dataset_metadata, register_datasets_from_config
 from .checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
-from .hooks import RebalanceHook, find_train_sampler
+from .hooks import RebalanceHook, StopOnRequestHook, find_train_sampler
 
 __all__ = ["Trainer", "setup", "build_evaluator", "ddp_device_ids"]
 
@@ -104,6 +105,8 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+        # Last, in both trainers: a stop request (SLURM's USR2) ends training between steps.
+        self.register_hooks([StopOnRequestHook(self.checkpointer)])
 
     def build_hooks(self):
         hooks = super().build_hooks()
