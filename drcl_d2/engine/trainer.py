@@ -2,8 +2,8 @@
 
 What differs from DefaultTrainer, and why:
 - check_inputs: what the run would otherwise trip over late (NUM_CLASSES against the datasets,
-  masks against the mask head, what the evaluation after training needs) is checked before the
-  model is built (drcl_d2.data.checks);
+  masks against the mask head, what the evaluation after training needs, RoI heads that would
+  ignore ROI_BOX_HEAD.CLS_LOSS) is checked before the model is built (drcl_d2.data.checks);
 - build_train_loader: the LVIS pipeline (checked mapper + uniform / RFS / DRB sampler by name),
   every sampler resuming at the trainer's iteration;
 - build_test_loader: detectron2's, with the checked mapper: an unusable test image is skipped with a
@@ -35,6 +35,7 @@ from ..config import add_drcl_config
 from ..data.build import build_checked_test_loader, build_lvis_train_loader, build_train_dataset
 from ..data.checks import check_evaluation_datasets, check_num_classes, check_training_dicts
 from ..data.datasets import FREQUENCIES, check_lvis_frequencies, register_datasets_from_config
+from ..modeling.box_predictor import check_roi_heads_read_cls_loss
 from .checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
 from .hooks import RebalanceHook, find_train_sampler
 
@@ -108,6 +109,7 @@ class Trainer(DefaultTrainer):
         """Config against datasets, before anything is built (the dataset dicts: build_train_loader)."""
         check_num_classes(cfg, cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
         check_evaluation_datasets(cfg)
+        check_roi_heads_read_cls_loss(cfg)
 
     @classmethod
     def build_train_loader(cls, cfg):
