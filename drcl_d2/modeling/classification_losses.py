@@ -37,6 +37,7 @@ __all__ = ["CLS_LOSSES", "EQLv2Loss", "SeesawLoss", "ECMLoss", "sigmoid_scores_w
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sums `tensor` over all ranks in place (no-op on one process)."""
     if comm.get_world_size() > 1:
+        assert tensor.is_contiguous(), "all_reduce reads the storage: reduce a contiguous tensor"
         dist.all_reduce(tensor)
     return tensor
 
@@ -106,8 +107,9 @@ class EQLv2Loss(SigmoidWithObjectness):
         the global batch (the objectness column is not a class and collects nothing)."""
         prob = logits.sigmoid()
         grad = target * (1 - prob) + (1 - target) * prob  # |∂BCE/∂z|, (N, C+1)
-        both = torch.stack([(grad * target * weight).sum(0), (grad * (1 - target) * weight).sum(0)])
-        both = all_reduce_sum(both[:, :-1].to(torch.float64))  # (2, C)
+        grad = (grad * weight).to(torch.float64)  # summed in float64: 1 or 2 ranks give the same sums
+        both = torch.stack([(grad * target).sum(0), (grad * (1 - target)).sum(0)])[:, :-1]  # (2, C)
+        both = all_reduce_sum(both.contiguous())  # (a strided view would be reduced wrongly)
         self.pos_grad += both[0]
         self.neg_grad += both[1]
         self.num_updates += 1
