@@ -62,7 +62,7 @@ CELLS = [(SCRATCH, "RFS", SOFTMAX), (SCRATCH, "DRB", SOFTMAX), (CONTROL, "DRB", 
          ("2DRCL", "DRB", SOFTMAX), ("2DRCL backbone", "DRB", SOFTMAX)]
 # The loss rows: no pretraining, each long-tail loss with each sampler (softmax CE: the rows above).
 LOSSES = (SOFTMAX, "federated", "eqlv2", "seesaw", "ecm")
-LOSS_CELLS = [(SCRATCH, sampler, loss) for loss in LOSSES for sampler in ("RFS", "DRB")]
+LOSS_CELLS = [(SCRATCH, sampler, loss) for sampler in ("RFS", "DRB") for loss in LOSSES]
 # detectron2 keeps 50 of LVIS's 1203 classes in the federated loss: with about 7 classes in a
 # 2-image LVIS batch that samples ~3.6 % of the other classes as negatives. A 4-image batch of
 # the 40-class embedded set holds about 6 classes; 8 keeps a similar share of sampled negatives.
