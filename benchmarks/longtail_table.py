@@ -244,7 +244,11 @@ def main():
     parser.add_argument("--losses-only", action="store_true",
                         help="only the loss rows (no pretraining: {softmax_ce, federated, eqlv2, seesaw, ecm} x "
                              "{RFS, DRB}), written to their own section of BENCHMARKS.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="with --losses-only: write the section from the runs that finished, run nothing")
     args = parser.parse_args()
+    if args.report_only and not args.losses_only:
+        parser.error("--report-only goes with --losses-only")
     if args.quick:
         args.preset, args.seeds, args.pretrain_iters, args.finetune_iters, args.size = "tiny", [0], 2, 3, 128
         args.probe_images = [40, 20]
@@ -296,7 +300,9 @@ def main():
                 read_final_metrics(os.path.join(run_dir, "metrics.json"))
                 continue
             except (FileNotFoundError, ValueError):
-                pass
+                if args.report_only:  # not finished: its cell reads "n/a"
+                    finetune_dirs[cell_name(start, sampler, loss)].remove(run_dir)
+                    continue
             os.makedirs(run_dir, exist_ok=True)
             finetune_jobs.append((f"{cell_name(start, sampler, loss)} seed {seed}", [
                 ([py, "train_net.py", "--config-file", SAMPLER_CONFIGS[sampler], "OUTPUT_DIR", run_dir,
@@ -330,11 +336,13 @@ def main():
 
 
 def _cell(runs, metric):
+    if not runs:
+        return "not run"
     values = [r["bbox"][metric] for r in runs if r.get("bbox", {}).get(metric, -100.0) != -100.0]
     if not values:
         return "n/a"
     m, s = mean_std(values)
-    return f"{m:.1f} ± {s:.1f}"
+    return f"{m:.1f}" if len(values) == 1 else f"{m:.1f} ± {s:.1f}"
 
 
 def _pct(v):
