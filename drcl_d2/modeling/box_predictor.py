@@ -8,8 +8,8 @@
 
 Class frequencies (federated's sampling weights, ECM's margins) are the training set's image counts
 from CategoryStatistics, the statistics Dynamic Rebalancing uses. They are read from the training
-set before the first loss (not when the model is built: evaluation and config checks need no
-training data) and kept in a buffer, so a checkpoint carries them.
+set before the first loss of every run (not when the model is built: evaluation and config checks
+need no training data) into a non-persistent buffer: a checkpoint never brings another set's counts.
 
 `LongTailROIHeads` / `LongTailCascadeROIHeads` (ROI_HEADS_REGISTRY) are detectron2's Standard /
 Cascade RoI heads with this predictor; drcl_d2's configs name them. With softmax_ce they build
@@ -51,7 +51,7 @@ def training_class_image_counts(cfg) -> torch.Tensor:
 
 def _fill_once(buffer: torch.Tensor, compute: Callable[[], torch.Tensor] | None, what: str) -> None:
     """Fills a frequency buffer from the training set the first time it is needed (all zero = unset;
-    a checkpoint that holds it, or a caller that set it, skips the read)."""
+    a caller that set it skips the read)."""
     if bool(buffer.any()):
         return
     if compute is None:
@@ -144,6 +144,8 @@ class FederatedOutputLayers(FastRCNNOutputLayers):
         # Placeholder weights (all zero = unset), filled from the training set before the first loss.
         super().__init__(input_shape, use_sigmoid_ce=True, use_fed_loss=True,
                          get_fed_loss_cls_weights=lambda: torch.zeros(num_classes), **kwargs)
+        # Re-registered non-persistent: read from this run's training set, never from a checkpoint.
+        self.register_buffer("fed_loss_cls_weights", self.fed_loss_cls_weights, persistent=False)
         self._class_image_counts = class_image_counts
         self.freq_weight_power = freq_weight_power
 

@@ -185,8 +185,9 @@ class ECMLoss(SigmoidWithObjectness):
         super().__init__()
         self.num_classes, self.fg_bg_ratio = num_classes, fg_bg_ratio
         # n⁺_j: training images of class j (CategoryStatistics), set by the predictor before the first
-        # loss; all zero means not set yet. In the checkpoint, so a resumed run keeps them.
-        self.register_buffer("class_image_counts", torch.zeros(num_classes, dtype=torch.float64))
+        # loss of every run; all zero means not set yet. Not in the checkpoint: a property of the
+        # training set, so a model fine-tuned again on another set never keeps stale counts.
+        self.register_buffer("class_image_counts", torch.zeros(num_classes, dtype=torch.float64), persistent=False)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
