@@ -345,3 +345,34 @@ def test_two_ranks_accumulate_what_one_rank_does(tmp_path):
         for i in range(2):
             mean = (ranks[0]["losses"][step][i] + ranks[1]["losses"][step][i]) / 2
             assert mean == pytest.approx(single["losses"][step][i], rel=1e-5)
+
+
+# ---- where the key is read ------------------------------------------------------------------------
+
+def test_cascade_heads_give_every_stage_the_loss_with_its_own_box_transform():
+    from detectron2.modeling.roi_heads import build_roi_heads
+
+    cfg = _cfg("eqlv2")
+    cfg.MODEL.ROI_HEADS.NAME = "LongTailCascadeROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3"]
+    cfg.MODEL.ROI_BOX_HEAD.NAME, cfg.MODEL.ROI_BOX_HEAD.NUM_FC, cfg.MODEL.ROI_BOX_HEAD.FC_DIM = "FastRCNNConvFCHead", 1, 16
+    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
+    shapes = {"p2": ShapeSpec(channels=8, stride=4), "p3": ShapeSpec(channels=8, stride=8)}
+    heads = build_roi_heads(cfg, shapes)
+    stages = list(heads.box_predictor)
+    assert [type(p) for p in stages] == [LongTailOutputLayers] * 3
+    assert [p.box2box_transform.weights for p in stages] == [tuple(w) for w in cfg.MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS]
+    assert len({id(p.cls_loss) for p in stages}) == 3  # each stage its own statistics
+
+
+def test_roi_heads_that_ignore_the_key_stop_training():
+    from drcl_d2.modeling.box_predictor import check_roi_heads_read_cls_loss
+
+    cfg = _cfg("seesaw")
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    with pytest.raises(ValueError, match="CLS_LOSS 'seesaw' is read by MODEL.ROI_HEADS.NAME 'LongTailROIHeads'"):
+        check_roi_heads_read_cls_loss(cfg)
+    cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS, cfg.MODEL.ROI_BOX_HEAD.USE_FED_LOSS = "eqlv2", True
+    cfg.MODEL.ROI_HEADS.NAME = "LongTailROIHeads"
+    with pytest.raises(ValueError, match="leave USE_SIGMOID_CE and USE_FED_LOSS False"):
+        check_roi_heads_read_cls_loss(cfg)
