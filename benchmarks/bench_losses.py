@@ -44,13 +44,9 @@ def build(loss: str, device: str):
     cfg = add_drcl_config(get_cfg())
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
     cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS = loss
-    predictor = build_box_predictor(cfg, ShapeSpec(channels=FEATURE_DIM)).to(device)
-    counts = lvis_image_counts().to(device)
-    if loss == "federated":
-        predictor.fed_loss_cls_weights.copy_(counts ** cfg.MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER)
-    if loss == "ecm":
-        predictor.cls_loss.class_image_counts.copy_(counts)
-    return predictor
+    # LVIS v1's image counts where the training set's would be read (federated, ECM).
+    counts = {"class_image_counts": lvis_image_counts} if loss in ("federated", "ecm") else {}
+    return build_box_predictor(cfg, ShapeSpec(channels=FEATURE_DIM), **counts).to(device)
 
 
 def batch(device: str, seed: int):

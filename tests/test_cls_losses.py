@@ -187,7 +187,7 @@ def ecm_by_hand(logits, image_counts, fg_bg_ratio=6.3313):
 
 def test_ecm_loss_matches_the_paper():
     loss = ECMLoss(C)
-    loss.class_image_counts.copy_(torch.tensor(IMAGE_COUNTS))
+    loss.set_class_image_counts(torch.tensor(IMAGE_COUNTS))
     for rows in STEPS:
         assert loss(t(rows), LABELS_T)["loss_cls"].item() == pytest.approx(ecm_by_hand(rows, IMAGE_COUNTS), rel=1e-5)
     # The rare class's margin pushes its training logit down more than the frequent one's: at
@@ -224,7 +224,7 @@ def test_federated_keeps_the_batch_classes_and_never_samples_an_absent_class():
     cfg = _cfg("federated", FED_LOSS_NUM_CLASSES=50)
     predictor = FederatedOutputLayers(cfg, ShapeSpec(channels=8),
                                       class_image_counts=lambda: torch.tensor(IMAGE_COUNTS, dtype=torch.float64))
-    assert not predictor.fed_loss_cls_weights.any()  # not read before the first loss
+    assert not predictor.fed_loss_cls_weights.any() and not predictor.has_class_image_counts  # read at the first loss
     rows = STEPS[1]
     got = predictor.sigmoid_cross_entropy_loss(t(rows), LABELS_T).item()
     # Weights image_count ** 0.5; 50 classes cannot be drawn from 2 of non-zero weight, so the kept

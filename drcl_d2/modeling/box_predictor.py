@@ -49,14 +49,10 @@ def training_class_image_counts(cfg) -> torch.Tensor:
     return counts
 
 
-def _fill_once(buffer: torch.Tensor, compute: Callable[[], torch.Tensor] | None, what: str) -> None:
-    """Fills a frequency buffer from the training set the first time it is needed (all zero = unset;
-    a caller that set it skips the read)."""
-    if bool(buffer.any()):
-        return
+def _read_counts(compute: Callable[[], torch.Tensor] | None, what: str) -> torch.Tensor:
     if compute is None:
-        raise RuntimeError(f"{what} needs the training set's class image counts: pass them to the predictor")
-    buffer.copy_(compute().to(buffer))
+        raise RuntimeError(f"{what} needs the training set's class image counts: pass class_image_counts")
+    return compute()
 
 
 class NormedLinear(nn.Linear):
@@ -112,8 +108,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
     def losses(self, predictions, proposals):
         """{loss_cls (+ loss_cls_objectness for Seesaw), loss_box_reg} of the sampled proposals."""
         logits, proposal_deltas = predictions  # (N, num_logits), (N, K*4 or 4)
-        if hasattr(self.cls_loss, "class_image_counts"):
-            _fill_once(self.cls_loss.class_image_counts, self._class_image_counts, type(self.cls_loss).__name__)
+        if getattr(self.cls_loss, "has_class_image_counts", True) is False:  # once per run (ECM)
+            self.cls_loss.set_class_image_counts(_read_counts(self._class_image_counts, type(self.cls_loss).__name__))
         if proposals:
             gt_classes = cat([p.gt_classes for p in proposals], dim=0)  # (N,), C = background
             proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)  # (N, 4)
@@ -146,6 +142,7 @@ class FederatedOutputLayers(FastRCNNOutputLayers):
                          get_fed_loss_cls_weights=lambda: torch.zeros(num_classes), **kwargs)
         # Re-registered non-persistent: read from this run's training set, never from a checkpoint.
         self.register_buffer("fed_loss_cls_weights", self.fed_loss_cls_weights, persistent=False)
+        self.has_class_image_counts = False
         self._class_image_counts = class_image_counts
         self.freq_weight_power = freq_weight_power
 
@@ -159,12 +156,13 @@ class FederatedOutputLayers(FastRCNNOutputLayers):
         return ret
 
     def sigmoid_cross_entropy_loss(self, pred_class_logits, gt_classes):
-        compute = self._class_image_counts
-        _fill_once(self.fed_loss_cls_weights,
-                   None if compute is None else lambda: compute() ** self.freq_weight_power, "federated loss")
-        # detectron2 draws its negatives without replacement from classes of non-zero weight: a
-        # dataset with fewer such classes than FED_LOSS_NUM_CLASSES (small sets) keeps them all.
-        self.fed_loss_num_classes = min(self.fed_loss_num_classes, int((self.fed_loss_cls_weights > 0).sum()))
+        if not self.has_class_image_counts:  # once per run
+            counts = _read_counts(self._class_image_counts, "federated loss")
+            self.fed_loss_cls_weights.copy_(counts.to(self.fed_loss_cls_weights) ** self.freq_weight_power)
+            # detectron2 draws its negatives without replacement from classes of non-zero weight: a
+            # dataset with fewer such classes than FED_LOSS_NUM_CLASSES (small sets) keeps them all.
+            self.fed_loss_num_classes = min(self.fed_loss_num_classes, int((counts > 0).sum()))
+            self.has_class_image_counts = True
         return super().sigmoid_cross_entropy_loss(pred_class_logits, gt_classes)
 
 

@@ -84,12 +84,12 @@ class EQLv2Loss(SigmoidWithObjectness):
         """(q, r): weights of positive and negative terms per column, (C+1,) each, float64.
         The background column always weighs 1."""
         ones = torch.ones(self.num_classes + 1, dtype=torch.float64, device=self.pos_grad.device)
-        if int(self.num_updates) == 0:
-            return ones, ones
         ratio = self.pos_grad / (self.neg_grad + 1e-10)  # g_j
         neg_w = torch.sigmoid(self.gamma * (ratio - self.mu))  # r_j = f(g_j)
         pos_w = 1 + self.alpha * (1 - neg_w)  # q_j
-        return torch.cat([pos_w, ones[:1]]), torch.cat([neg_w, ones[:1]])
+        started = self.num_updates > 0  # a tensor test: no host sync per step
+        return (torch.where(started, torch.cat([pos_w, ones[:1]]), ones),
+                torch.where(started, torch.cat([neg_w, ones[:1]]), ones))
 
     def forward(self, logits: torch.Tensor, gt_classes: torch.Tensor) -> dict:
         num_rois = logits.shape[0]
@@ -185,9 +185,15 @@ class ECMLoss(SigmoidWithObjectness):
         super().__init__()
         self.num_classes, self.fg_bg_ratio = num_classes, fg_bg_ratio
         # n⁺_j: training images of class j (CategoryStatistics), set by the predictor before the first
-        # loss of every run; all zero means not set yet. Not in the checkpoint: a property of the
-        # training set, so a model fine-tuned again on another set never keeps stale counts.
+        # loss of every run. Not in the checkpoint: a property of the training set, so a model
+        # fine-tuned again on another set never keeps stale counts.
         self.register_buffer("class_image_counts", torch.zeros(num_classes, dtype=torch.float64), persistent=False)
+        self.has_class_image_counts = False
+
+    def set_class_image_counts(self, counts: torch.Tensor) -> None:
+        """n⁺: (C,) training images per class."""
+        self.class_image_counts.copy_(counts.to(self.class_image_counts))
+        self.has_class_image_counts = True
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -196,7 +202,7 @@ class ECMLoss(SigmoidWithObjectness):
     def margins_and_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(m⁺, m⁻, w) per column, background last, (C+1,) each, float64. A class absent from the
         training set counts as 1 image (its margins stay finite; it only ever meets negatives)."""
-        if not bool(self.class_image_counts.any()):
+        if not self.has_class_image_counts:
             raise RuntimeError("ECM needs the training set's class image counts before its first loss")
         n_fg = self.class_image_counts.clamp(min=1)
         n_pos = torch.cat([n_fg, n_fg.sum()[None] * self.fg_bg_ratio])
