@@ -23,6 +23,7 @@ bench: setup
 	$(PY) benchmarks/bench_rebalance.py
 	$(PY) benchmarks/bench_mappers.py
 	$(PY) benchmarks/bench_pretrain_step.py
+	$(PY) benchmarks/bench_losses.py
 
 # The long-tail results table of BENCHMARKS.md (30 fine-tuning runs; about 90 min on 2 cores).
 longtail: setup

@@ -55,13 +55,35 @@ SAMPLER_CONFIGS = {
 }
 SCRATCH, CONTROL = "scratch", "supervised"
 STARTS = (SCRATCH, CONTROL, "MoCo v2", "DetCo", "2DRCL", "2DRCL backbone")
-CELLS = [(SCRATCH, "RFS"), (SCRATCH, "DRB"), (CONTROL, "DRB"), ("MoCo v2", "DRB"), ("DetCo", "DRB"),
-         ("2DRCL", "RFS"), ("2DRCL", "DRB"), ("2DRCL backbone", "DRB")]
+SOFTMAX = "softmax_ce"
+# (start, sampler, MODEL.ROI_BOX_HEAD.CLS_LOSS) of every fine-tuning cell.
+CELLS = [(SCRATCH, "RFS", SOFTMAX), (SCRATCH, "DRB", SOFTMAX), (CONTROL, "DRB", SOFTMAX),
+         ("MoCo v2", "DRB", SOFTMAX), ("DetCo", "DRB", SOFTMAX), ("2DRCL", "RFS", SOFTMAX),
+         ("2DRCL", "DRB", SOFTMAX), ("2DRCL backbone", "DRB", SOFTMAX)]
+# The loss rows: no pretraining, each long-tail loss with each sampler (softmax CE: the rows above).
+LOSSES = (SOFTMAX, "federated", "eqlv2", "seesaw", "ecm")
+LOSS_CELLS = [(SCRATCH, sampler, loss) for sampler in ("RFS", "DRB") for loss in LOSSES]
+# detectron2 keeps 50 of LVIS's 1203 classes in the federated loss: with about 7 classes in a
+# 2-image LVIS batch that samples ~3.6 % of the other classes as negatives. A 4-image batch of
+# the 40-class embedded set holds about 6 classes; 8 keeps a similar share of sampled negatives.
+FED_LOSS_NUM_CLASSES = 8
 # What the positive control transfers: what a 2DRCL conversion transfers (no class-specific predictor,
 # no mask head, which 2DRCL does not pretrain).
 CONTROL_DROPPED_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_head.")
 WALL_FILE = "wall_seconds.txt"  # written beside each finished run: the table adds them up
 METRICS = ("AP", "APr", "APc", "APf")
+
+
+def cell_name(start: str, sampler: str, loss: str) -> str:
+    return f"{start} + {sampler}" + ("" if loss == SOFTMAX else f" + {loss}")
+
+
+def loss_opts(loss: str) -> list[str]:
+    """Config overrides of a classification loss (none for softmax CE, the configs' default)."""
+    if loss == SOFTMAX:
+        return []
+    opts = ["MODEL.ROI_BOX_HEAD.CLS_LOSS", loss]
+    return opts + (["MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES", str(FED_LOSS_NUM_CLASSES)] if loss == "federated" else [])
 
 
 def run(cmd: list[str], log: str, threads: int) -> float:
@@ -141,60 +163,9 @@ def positive_control_verdict(results: dict, metric: str = "AP") -> dict:
     return {"valid": margin > threshold, "margin": margin, "threshold": threshold, "metric": metric}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="output/longtail")
-    parser.add_argument("--preset", default="table")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--pretrain-iters", type=int, default=150)
-    parser.add_argument("--finetune-iters", type=int, default=200)
-    parser.add_argument("--size", type=int, default=160, help="short side of training / test images")
-    parser.add_argument("--detections", type=int, default=50,
-                        help="TEST.DETECTIONS_PER_IMAGE (the set has at most 6 objects per image)")
-    parser.add_argument("--probe-images", type=int, nargs=2, default=[600, 300], metavar=("TRAIN", "TEST"),
-                        help="images of the train / val split whose ground-truth RoIs the kNN probe uses")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores / jobs threads)")
-    parser.add_argument("--depth", type=int, default=18, choices=(18, 50),
-                        help="ResNet depth; 50 also widens FPN and heads to detectron2's R50-FPN sizes")
-    parser.add_argument("--device", default="cpu", help="MODEL.DEVICE of every run (cuda: the R-50 scale)")
-    parser.add_argument("--keep-checkpoints", action="store_true",
-                        help="keep every checkpoint (default: only the final pretraining ones; results are in "
-                             "each run's metrics.json)")
-    parser.add_argument("--quick", action="store_true", help="tiny set, 1 seed, 3 iterations: checks the plumbing")
-    args = parser.parse_args()
-    if args.quick:
-        args.preset, args.seeds, args.pretrain_iters, args.finetune_iters, args.size = "tiny", [0], 2, 3, 128
-        args.probe_images = [40, 20]
-        args.output = args.output.rstrip("/") + "_quick"
-
-    from drcl_d2.data.synthetic import PRESETS, make_longtail_dataset
-    from drcl_d2.tools.demo import short_schedule
-    from drcl_d2.tools.plots import read_final_metrics
-
-    py, start_time = sys.executable, time.time()
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    preset = PRESETS[args.preset]
-    out = os.path.join(ROOT, args.output)
-    data = os.path.join(out, f"data_{args.preset}")
-    make_longtail_dataset(data, **preset)
-    # Finished runs are reused only under the same settings: they live in a folder named by them.
-    runs_root = os.path.join(out, f"{args.preset}_R{args.depth}_{args.size}px_pre{args.pretrain_iters}"
-                                  f"_ft{args.finetune_iters}_det{args.detections}")
-    datasets = repr([["lt_train", f"{data}/lvis_v1_train.json", data], ["lt_val", f"{data}/lvis_v1_val.json", data]])
-    common = ["DATASETS.LVIS_CUSTOM", datasets, "DATASETS.TRAIN", "('lt_train',)",
-              "MODEL.ROI_HEADS.NUM_CLASSES", str(preset["num_categories"]),
-              "INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MIN_SIZE_TEST", str(args.size),
-              "INPUT.MAX_SIZE_TRAIN", str(args.size * 5 // 4), "INPUT.MAX_SIZE_TEST", str(args.size * 5 // 4),
-              "DATALOADER.NUM_WORKERS", "1", "MODEL.DEVICE", args.device]
-    if args.depth == 50:  # detectron2's R50-FPN widths (the embedded configs narrow them for R-18)
-        common += ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
-                   "MODEL.FPN.OUT_CHANNELS", "256", "MODEL.ROI_BOX_HEAD.FC_DIM", "1024",
-                   "MODEL.ROI_BOX_HEAD.CONV_DIM", "256", "MODEL.ROI_MASK_HEAD.CONV_DIM", "256"]
-    # Every detector of the table is a Faster R-CNN (box AP; the mask head would only add CPU time).
-    detector = common + ["MODEL.MASK_ON", "False", "DATASETS.TEST", "('lt_val',)",
-                         "TEST.DETECTIONS_PER_IMAGE", str(args.detections)]
-    keep = "all" if args.keep_checkpoints else "final"
-
+def prepare_starts(args, py, runs_root, common, detector, threads, keep, short_schedule):
+    """Steps 1-2: every start's weights (pretraining + drcl-convert, the positive control) and its kNN
+    probe. Returns (weights by start, pretraining run folders, probe files by start)."""
     # 1. Starts: pretraining (+ conversion), one per method with seed 0.
     pre_root = os.path.join(runs_root, "pretrain_seed0")
     weights, pretrain_dirs, pretrain_jobs = {SCRATCH: ""}, [], []
@@ -246,22 +217,97 @@ def main():
                   "--output", path] + detector, path[:-5] + ".log")]))
     run_all(probe_jobs, args.jobs, threads, "kNN probes", "all")
 
+    return weights, pretrain_dirs, probe_files
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="output/longtail")
+    parser.add_argument("--preset", default="table")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pretrain-iters", type=int, default=150)
+    parser.add_argument("--finetune-iters", type=int, default=200)
+    parser.add_argument("--size", type=int, default=160, help="short side of training / test images")
+    parser.add_argument("--detections", type=int, default=50,
+                        help="TEST.DETECTIONS_PER_IMAGE (the set has at most 6 objects per image)")
+    parser.add_argument("--probe-images", type=int, nargs=2, default=[600, 300], metavar=("TRAIN", "TEST"),
+                        help="images of the train / val split whose ground-truth RoIs the kNN probe uses")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores / jobs threads)")
+    parser.add_argument("--threads", type=int, default=0, help="threads per run (0: cores / jobs)")
+    parser.add_argument("--depth", type=int, default=18, choices=(18, 50),
+                        help="ResNet depth; 50 also widens FPN and heads to detectron2's R50-FPN sizes")
+    parser.add_argument("--device", default="cpu", help="MODEL.DEVICE of every run (cuda: the R-50 scale)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every checkpoint (default: only the final pretraining ones; results are in "
+                             "each run's metrics.json)")
+    parser.add_argument("--quick", action="store_true", help="tiny set, 1 seed, 3 iterations: checks the plumbing")
+    parser.add_argument("--losses-only", action="store_true",
+                        help="only the loss rows (no pretraining: {softmax_ce, federated, eqlv2, seesaw, ecm} x "
+                             "{RFS, DRB}), written to their own section of BENCHMARKS.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="with --losses-only: write the section from the runs that finished, run nothing")
+    args = parser.parse_args()
+    if args.report_only and not args.losses_only:
+        parser.error("--report-only goes with --losses-only")
+    if args.quick:
+        args.preset, args.seeds, args.pretrain_iters, args.finetune_iters, args.size = "tiny", [0], 2, 3, 128
+        args.probe_images = [40, 20]
+        args.output = args.output.rstrip("/") + "_quick"
+
+    from drcl_d2.data.synthetic import PRESETS, make_longtail_dataset
+    from drcl_d2.tools.demo import short_schedule
+    from drcl_d2.tools.plots import read_final_metrics
+
+    py, start_time = sys.executable, time.time()
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    preset = PRESETS[args.preset]
+    out = os.path.join(ROOT, args.output)
+    data = os.path.join(out, f"data_{args.preset}")
+    make_longtail_dataset(data, **preset)
+    # Finished runs are reused only under the same settings: they live in a folder named by them.
+    runs_root = os.path.join(out, f"{args.preset}_R{args.depth}_{args.size}px_pre{args.pretrain_iters}"
+                                  f"_ft{args.finetune_iters}_det{args.detections}")
+    datasets = repr([["lt_train", f"{data}/lvis_v1_train.json", data], ["lt_val", f"{data}/lvis_v1_val.json", data]])
+    common = ["DATASETS.LVIS_CUSTOM", datasets, "DATASETS.TRAIN", "('lt_train',)",
+              "MODEL.ROI_HEADS.NUM_CLASSES", str(preset["num_categories"]),
+              "INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MIN_SIZE_TEST", str(args.size),
+              "INPUT.MAX_SIZE_TRAIN", str(args.size * 5 // 4), "INPUT.MAX_SIZE_TEST", str(args.size * 5 // 4),
+              "DATALOADER.NUM_WORKERS", "1", "MODEL.DEVICE", args.device]
+    if args.depth == 50:  # detectron2's R50-FPN widths (the embedded configs narrow them for R-18)
+        common += ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
+                   "MODEL.FPN.OUT_CHANNELS", "256", "MODEL.ROI_BOX_HEAD.FC_DIM", "1024",
+                   "MODEL.ROI_BOX_HEAD.CONV_DIM", "256", "MODEL.ROI_MASK_HEAD.CONV_DIM", "256"]
+    # Every detector of the table is a Faster R-CNN (box AP; the mask head would only add CPU time).
+    detector = common + ["MODEL.MASK_ON", "False", "DATASETS.TEST", "('lt_val',)",
+                         "TEST.DETECTIONS_PER_IMAGE", str(args.detections)]
+    keep = "all" if args.keep_checkpoints else "final"
+
+    if args.losses_only:  # from scratch: no pretraining, no probes
+        weights, pretrain_dirs, probe_files, cells = {SCRATCH: ""}, [], {}, LOSS_CELLS
+    else:
+        weights, pretrain_dirs, probe_files = prepare_starts(args, py, runs_root, common, detector, threads, keep,
+                                                             short_schedule)
+        cells = CELLS + [cell for cell in LOSS_CELLS if cell[2] != SOFTMAX]
+
     # 3. Fine-tuning + LVIS evaluation, 3 seeds per cell.
     finetune_dirs, finetune_jobs = {}, []
     for seed in args.seeds:
-        for start, sampler in CELLS:
-            run_dir = os.path.join(runs_root, f"seed{seed}", f"finetune_{start.replace(' ', '_')}_{sampler}")
-            finetune_dirs.setdefault(f"{start} + {sampler}", []).append(run_dir)
+        for start, sampler, loss in cells:
+            run_dir = os.path.join(runs_root, f"seed{seed}", f"finetune_{start.replace(' ', '_')}_{sampler}"
+                                   + ("" if loss == SOFTMAX else f"_{loss}"))
+            finetune_dirs.setdefault(cell_name(start, sampler, loss), []).append(run_dir)
             try:
                 read_final_metrics(os.path.join(run_dir, "metrics.json"))
                 continue
             except (FileNotFoundError, ValueError):
-                pass
+                if args.report_only:  # not finished: its cell reads "n/a"
+                    finetune_dirs[cell_name(start, sampler, loss)].remove(run_dir)
+                    continue
             os.makedirs(run_dir, exist_ok=True)
-            finetune_jobs.append((f"{start} + {sampler} seed {seed}", [
+            finetune_jobs.append((f"{cell_name(start, sampler, loss)} seed {seed}", [
                 ([py, "train_net.py", "--config-file", SAMPLER_CONFIGS[sampler], "OUTPUT_DIR", run_dir,
-                  "SEED", str(seed), "MODEL.WEIGHTS", weights[start]] + detector + short_schedule(args.finetune_iters),
-                 os.path.join(run_dir, "stdout.log")),
+                  "SEED", str(seed), "MODEL.WEIGHTS", weights[start]] + detector + loss_opts(loss)
+                 + short_schedule(args.finetune_iters), os.path.join(run_dir, "stdout.log")),
             ]))
     run_all(finetune_jobs, args.jobs, threads, "fine-tuning + LVIS evaluation",
             "all" if args.keep_checkpoints else "none")
@@ -271,29 +317,32 @@ def main():
                for name, dirs in finetune_dirs.items()}
     probes = {start: json.load(open(path)) for start, path in probe_files.items()}
     scales = {start: json.load(open(weights[start] + ".scale.json")) for start in STARTS
-              if weights[start] and os.path.exists(weights[start] + ".scale.json")}
-    verdict = positive_control_verdict(results)
+              if weights.get(start) and os.path.exists(weights[start] + ".scale.json")}
+    verdict = {"valid": False, "reason": "loss rows only"} if args.losses_only else positive_control_verdict(results)
     run_dirs = [d for dirs in finetune_dirs.values() for d in dirs] + pretrain_dirs
     run_seconds = sum(float(open(os.path.join(d, WALL_FILE)).read()) for d in run_dirs
                       if os.path.exists(os.path.join(d, WALL_FILE)))
     env = environment()
     wall = time.time() - start_time
     md = format_tables(args, preset, results, probes, scales, verdict, run_seconds, len(run_dirs), env)
-    write_result("longtail_table" + ("" if args.device == "cpu" else f"_{args.device}_R{args.depth}")
-                 + ("_quick" if args.quick else ""),
+    section = "longtail_losses" if args.losses_only else "longtail"
+    write_result(section.replace("longtail", "longtail_table", 1)
+                 + ("" if args.device == "cpu" else f"_{args.device}_R{args.depth}") + ("_quick" if args.quick else ""),
                  {"settings": vars(args), "runs": results, "probes": probes, "scales": scales,
                   "positive_control": verdict, "run_seconds": run_seconds, "invocation_seconds": wall, "env": env})
     if not args.quick:
-        update_benchmarks_md("longtail" if args.device == "cpu" else f"longtail_{args.device}", md)
+        update_benchmarks_md(section if args.device == "cpu" else f"{section}_{args.device}", md)
     print(md)
 
 
 def _cell(runs, metric):
+    if not runs:
+        return "not run"
     values = [r["bbox"][metric] for r in runs if r.get("bbox", {}).get(metric, -100.0) != -100.0]
     if not values:
         return "n/a"
     m, s = mean_std(values)
-    return f"{m:.1f} ± {s:.1f}"
+    return f"{m:.1f}" if len(values) == 1 else f"{m:.1f} ± {s:.1f}"
 
 
 def _pct(v):
@@ -306,7 +355,10 @@ def format_tables(args, preset, results, probes, scales, verdict, run_seconds, n
                 f"box head) on {args.device}; {args.pretrain_iters} pretraining iterations per start (seed 0), "
                 f"{args.finetune_iters} fine-tuning iterations at batch 4, {args.size}-px images, "
                 f"{args.detections} detections per image, fine-tuning seeds {args.seeds}")
-    if verdict.get("valid"):
+    if args.losses_only:
+        check = ("Loss rows only (`--losses-only`): no pretraining, the positive control is in the main table; "
+                 f"federated keeps {FED_LOSS_NUM_CLASSES} classes (MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES).")
+    elif verdict.get("valid"):
         check = (f"**Positive control passed**: supervised + DRB beats scratch + DRB by {verdict['margin']:.1f} AP "
                  f"(needed > {verdict['threshold']:.1f}, 2 seed-std), so the protocol can tell a better start.")
     elif "margin" in verdict:
@@ -314,13 +366,18 @@ def format_tables(args, preset, results, probes, scales, verdict, run_seconds, n
                  f"AP (needed > {verdict['threshold']:.1f}); the table cannot tell starts apart.")
     else:
         check = f"**Positive control missing** ({verdict['reason']})."
-    lines = [f"## Long-tail results table (embedded dataset, R{args.depth}, {args.device})", "",
-             f"`python benchmarks/longtail_table.py{' --quick' if args.quick else ''}` — {settings}. "
+    title = "Long-tail loss rows" if args.losses_only else "Long-tail results table"
+    flags = (" --quick" if args.quick else "") + (" --losses-only" if args.losses_only else "") + (
+        f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "")
+    lines = [f"## {title} (embedded dataset, R{args.depth}, {args.device})", "",
+             f"`python benchmarks/longtail_table.py{flags}` — {settings}. "
              f"{num_runs} runs took {run_seconds / 60:.0f} min of run time, {args.jobs} at a time on "
              f"{env['cpu_count']} cores; commit {env['commit']}. Mean ± std over seeds.", "", check, "",
              "| start + sampler | bbox AP | APr | APc | APf |", "|---|---|---|---|---|"]
     for name, runs in results.items():
         lines.append(f"| {name} | " + " | ".join(_cell(runs, m) for m in METRICS) + " |")
+    if args.losses_only:
+        return "\n".join(lines)
     lines += ["", "kNN probe (k=20, cosine, temperature-weighted vote) of ground-truth RoI features, "
               f"{args.probe_images[0]} train → {args.probe_images[1]} val images; accuracy % and mean per-class "
               "accuracy per LVIS frequency group (r / c / f):", "",

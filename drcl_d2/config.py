@@ -15,6 +15,7 @@ def add_drcl_config(cfg: CN) -> CN:
     _add_pretrain_config(cfg)
     _add_drcl_model_config(cfg)
     _add_detco_config(cfg)
+    _add_cls_loss_config(cfg)
     return cfg
 
 
@@ -192,3 +193,29 @@ def _add_detco_config(cfg: CN) -> None:
     cfg.INPUT.DETCO.RANDAUGMENT_NUM_OPS = 0
     # RandAugment magnitude out of 30 (choice: 9, torchvision's default).
     cfg.INPUT.DETCO.RANDAUGMENT_MAGNITUDE = 9
+
+
+def _add_cls_loss_config(cfg: CN) -> None:
+    """The box predictor's classification loss (drcl_d2.modeling.box_predictor); the RoI heads
+    LongTailROIHeads / LongTailCascadeROIHeads read it."""
+    # softmax_ce (detectron2's default), sigmoid_bce, federated (detectron2's own, sampling weights
+    # from the training set's image counts; keys FED_LOSS_FREQ_WEIGHT_POWER, FED_LOSS_NUM_CLASSES),
+    # eqlv2, seesaw, ecm.
+    cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS = "softmax_ce"
+    # EQLv2 (paper): r_j = 1 / (1 + exp(-GAMMA (g_j - MU))), q_j = 1 + ALPHA (1 - r_j).
+    cfg.MODEL.ROI_BOX_HEAD.EQLV2 = CN()
+    cfg.MODEL.ROI_BOX_HEAD.EQLV2.GAMMA = 12.0
+    cfg.MODEL.ROI_BOX_HEAD.EQLV2.MU = 0.8
+    cfg.MODEL.ROI_BOX_HEAD.EQLV2.ALPHA = 4.0
+    # Seesaw (paper): mitigation (n_j / n_y)^P, compensation (σ_j / σ_y)^Q, σ_y floored at EPS.
+    cfg.MODEL.ROI_BOX_HEAD.SEESAW = CN()
+    cfg.MODEL.ROI_BOX_HEAD.SEESAW.P = 0.8
+    cfg.MODEL.ROI_BOX_HEAD.SEESAW.Q = 2.0
+    cfg.MODEL.ROI_BOX_HEAD.SEESAW.EPS = 0.01
+    # The cosine (normalised linear) classifier of Seesaw's LVIS models, logits scaled by SCALE.
+    cfg.MODEL.ROI_BOX_HEAD.SEESAW.NORMED_LINEAR = True
+    cfg.MODEL.ROI_BOX_HEAD.SEESAW.SCALE = 20.0
+    # ECM (paper): background "image count" = FG_BG_RATIO x the classes' total, the empirical
+    # foreground/background ratio of Mask R-CNN's sampled RoIs given by its authors.
+    cfg.MODEL.ROI_BOX_HEAD.ECM = CN()
+    cfg.MODEL.ROI_BOX_HEAD.ECM.FG_BG_RATIO = 6.3313

@@ -404,14 +404,23 @@ def _three_datasets(tmp_path):
 
 def test_a_start_reads_each_json_once_and_unused_datasets_never(tmp_path, monkeypatch):
     """Registration reads nothing; the trainer's start parses the training json once (its loader's
-    parse also feeds the checks), the test json once for the checks before training (then from the
-    metadata cache on the next start), and a listed dataset that the run does not use never."""
+    parse also feeds the checks and ECM's class counts), the test json once for the checks before
+    training (then from the metadata cache on the next start), and a listed dataset that the run
+    does not use never."""
     monkeypatch.setenv("DRCL_D2_CACHE", str(tmp_path / "cache"))
     cfg, jsons = _three_datasets(tmp_path)
+    cfg.MODEL.BACKBONE.NAME, cfg.MODEL.ROI_HEADS.NAME = "build_resnet_fpn_backbone", "LongTailROIHeads"
+    cfg.MODEL.RPN.IN_FEATURES, cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"], ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    cfg.MODEL.RESNETS.OUT_FEATURES = cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.ROI_BOX_HEAD.NAME, cfg.MODEL.ROI_BOX_HEAD.NUM_FC = "FastRCNNConvFCHead", 2
+    cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS = "ecm"  # reads the training set's class counts at its first loss
     with _JsonOpens(*jsons.values()) as opens:
         register_datasets_from_config(cfg)
         assert sum(opens.counts.values()) == 0
-        Trainer(cfg)
+        trainer = Trainer(cfg)
+        predictor = trainer.model.roi_heads.box_predictor
+        assert predictor._class_image_counts().tolist() == [2, 1]  # cat_a in images 1-2, cat_b in 2
     assert opens.counts == {jsons["train"]: 1, jsons["val"]: 1, jsons["unused"]: 0}
     assert MetadataCatalog.get("once_val").thing_classes == ["cat_a", "cat_b"]
     for n in jsons:  # a new process: fresh catalogs, the same files

@@ -3,8 +3,8 @@
 What differs from DefaultTrainer, and why:
 - the training json is parsed first (once per process), then check_inputs: what the run would
   otherwise trip over late (missing images, NUM_CLASSES against the datasets, masks against the
-  mask head, what the evaluation after training needs) is checked before the model is built
-  (drcl_d2.data.checks);
+  mask head, what the evaluation after training needs, RoI heads that would ignore
+  ROI_BOX_HEAD.CLS_LOSS) is checked before the model is built (drcl_d2.data.checks);
 - build_train_loader: the LVIS pipeline (checked mapper + uniform / RFS / DRB sampler by name),
   every sampler resuming at the trainer's iteration;
 - build_test_loader: detectron2's, with the checked mapper: an unusable test image is skipped with a
@@ -38,6 +38,7 @@ from ..config import add_drcl_config
 from ..data.build import build_checked_test_loader, build_lvis_train_loader, build_train_dataset
 from ..data.checks import check_evaluation_datasets, check_num_classes, check_training_dicts
 from ..data.datasets import FREQUENCIES, check_lvis_frequencies, ensure_dataset_metadata, register_datasets_from_config
+from ..modeling.box_predictor import check_roi_heads_read_cls_loss, provide_class_image_counts
 from .checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
 from .hooks import RebalanceHook, StopOnRequestHook, find_train_sampler
 
@@ -84,6 +85,7 @@ class Trainer(DefaultTrainer):
         train_dataset = self.build_train_dataset(cfg)
         self.check_inputs(cfg)
         model = self.build_model(cfg)
+        provide_class_image_counts(model, train_dataset, cfg.MODEL.ROI_HEADS.NUM_CLASSES)  # federated, ECM
         optimizer = self.build_optimizer(cfg, model)
         # detectron2's signature build_train_loader(cfg) stays (subclasses override it); the list
         # parsed above is handed over instead of parsing the json a second time.
@@ -126,6 +128,7 @@ class Trainer(DefaultTrainer):
         recorded the training datasets' metadata)."""
         check_num_classes(cfg, cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
         check_evaluation_datasets(cfg)
+        check_roi_heads_read_cls_loss(cfg)
 
     @classmethod
     def build_train_dataset(cls, cfg) -> list[dict]:
