@@ -12,6 +12,7 @@ Writes benchmarks/results/loader_memory.json and a BENCHMARKS.md section. Goal: 
 warm-up for every loader.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -22,7 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _report import environment, update_benchmarks_md, write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WARMUP = 0.1
+# Warm-up: the first quarter of the samples. Worker memory rises over the first few hundred samples
+# (allocator pools, decoded-image buffers of the largest sizes met so far) and is flat after that
+# when nothing leaks (see the traces in benchmarks/results/loader_memory.json).
+WARMUP = 0.25
 LOADERS = {
     "2DRCL (two views + boxes)": ("configs/embedded/drcl_R_18_FPN_embedded.yaml", True),
     "DetCo (views + jigsaw)": ("configs/embedded/detco_R_18_embedded.yaml", True),
@@ -85,11 +89,29 @@ def run_loader(config: str, pretraining: bool, data: str, workers: int, samples_
             break
     seconds = time.perf_counter() - t0
     del loader
+    return dict(growth_after_warmup(trace, samples_per_worker), trace=trace, seconds=round(seconds, 1))
+
+
+def growth_after_warmup(trace: list[dict], samples_per_worker: int) -> dict:
+    """Private memory of each worker at the end of warm-up and at the end, and the growth in %."""
     warm = next(t for t in trace if t["samples_per_worker"] >= WARMUP * samples_per_worker)
     end = trace[-1]
     growth = [100.0 * (b - a) / a for a, b in zip(warm["private_mib"], end["private_mib"])]
-    return {"trace": trace, "warm": warm, "end": end, "growth_percent": [round(g, 1) for g in growth],
-            "seconds": round(seconds, 1)}
+    return {"warm": warm, "end": end, "growth_percent": [round(g, 1) for g in growth]}
+
+
+def package_commit() -> str:
+    """The commit of the drcl_d2 package imported (PYTHONPATH may point at an older checkout)."""
+    import subprocess
+
+    import drcl_d2
+
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(drcl_d2.__file__)))
+    try:
+        return subprocess.run(["git", "-C", folder, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main():
@@ -100,7 +122,11 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--only", nargs="*", help="a subset of the loaders (name prefixes)")
     parser.add_argument("--label", default="", help="a label for this run in the results (e.g. 'before')")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table from the saved results")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.load(open(os.path.join(ROOT, "benchmarks", "results", "loader_memory.json")))
+        return write_table(saved["loaders"], saved["env"], saved["workers"], saved["samples_per_worker"], saved["batch"])
     torch.set_num_threads(1)
     from drcl_d2.data.synthetic import PRESETS, make_longtail_dataset
 
@@ -115,25 +141,28 @@ def main():
         print(f"{name}: private MiB per worker {r['warm']['private_mib']} after warm-up -> "
               f"{r['end']['private_mib']} ({r['growth_percent']} %) in {r['seconds']} s", flush=True)
     env = environment()
+    env["code_commit"] = package_commit()
     suffix = f"_{args.label}" if args.label else ""
     write_result("loader_memory" + suffix, {"samples_per_worker": args.samples_per_worker, "workers": args.workers,
                                             "batch": args.batch, "label": args.label, "loaders": rows, "env": env})
-    if args.label:
-        return  # a labelled run (e.g. on an older commit) is kept beside the table, not in it
+    if not args.label:  # a labelled run (e.g. on an older commit) is kept beside the table, not in it
+        write_table(rows, env, args.workers, args.samples_per_worker, args.batch)
+
+
+def write_table(rows: dict, env: dict, workers: int, samples_per_worker: int, batch: int) -> None:
     lines = ["## Data-loader worker memory over a long run", "",
              f"`python benchmarks/bench_loader_memory.py` — each trainer's own loader on the embedded `small` set, "
-             f"{args.workers} workers, {args.samples_per_worker} samples per worker, batch {args.batch}; private "
+             f"{workers} workers, {samples_per_worker} samples per worker, batch {batch}; private "
              f"memory (smaps Private_*) of each worker after {int(WARMUP * 100)} % of the samples and at the end; "
-             f"commit {env['commit']}. Goal: growth < 5 %.", "",
+             f"commit {env['code_commit']}. Goal: growth < 5 %.", "",
              "| loader | MiB per worker after warm-up | at the end | growth | goal met |", "|---|---|---|---|---|"]
     before = os.path.join(ROOT, "benchmarks", "results", "loader_memory_before.json")
     labelled = [(name, r) for name, r in rows.items()]
     if os.path.exists(before):  # the same loaders run on an older commit with --label before
-        import json
-
         old = json.load(open(before))
-        labelled += [(f"{name}, before (commit {old['env']['commit']}, {old['samples_per_worker']} samples "
-                      "per worker)", r) for name, r in old["loaders"].items()]
+        commit, samples = old["env"].get("code_commit", old["env"]["commit"]), old["samples_per_worker"]
+        labelled += [(f"{name}, before (commit {commit}, {samples} samples per worker)",
+                      growth_after_warmup(r["trace"], samples)) for name, r in old["loaders"].items()]
     for name, r in labelled:
         ok = all(g < 5 for g in r["growth_percent"])
         lines.append(f"| {name} | {' / '.join(f'{v:.0f}' for v in r['warm']['private_mib'])} | "

@@ -37,6 +37,9 @@ def _add_checkpoint_config(cfg: CN) -> None:
     # (shapes or names that do not fit: an R-18 file in an R-50 model, an unconverted pretraining
     # checkpoint). True trains from such a file anyway (the load summary line still says how much).
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
+    # Gradient accumulation (drcl_d2.engine.accumulate): each optimizer step of SOLVER.IMS_PER_BATCH
+    # images runs ACCUM_STEPS forward/backward passes of IMS_PER_BATCH / ACCUM_STEPS images.
+    cfg.SOLVER.ACCUM_STEPS = 1
 
 
 def _add_rebalance_config(cfg: CN) -> None:

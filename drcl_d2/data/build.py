@@ -5,6 +5,7 @@ import logging
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.samplers import RepeatFactorTrainingSampler
+from detectron2.utils import comm
 
 from .mappers import CheckedDatasetMapper
 from .rebalance import CategoryStatistics, DynamicRepeatFactors
@@ -18,13 +19,27 @@ logger = logging.getLogger(__name__)
 
 TRAIN_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "DynamicRepeatFactorTrainingSampler")
 
-__all__ = ["TRAIN_SAMPLERS", "build_train_sampler", "build_train_dataset", "build_lvis_train_loader",
+__all__ = ["TRAIN_SAMPLERS", "micro_batch_size", "build_train_sampler", "build_train_dataset", "build_lvis_train_loader",
            "build_checked_test_loader", "drb_max_iter"]
 
 
 def drb_max_iter(cfg) -> int:
     """T_max of α_d: DATALOADER.DRB.MAX_ITER, or SOLVER.MAX_ITER when it is 0."""
     return cfg.DATALOADER.DRB.MAX_ITER or cfg.SOLVER.MAX_ITER
+
+
+def micro_batch_size(cfg) -> int:
+    """Images per loader batch over all ranks: SOLVER.IMS_PER_BATCH / SOLVER.ACCUM_STEPS."""
+    batch, steps, world = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.ACCUM_STEPS, comm.get_world_size()
+    if steps < 1:
+        raise ValueError(f"SOLVER.ACCUM_STEPS must be >= 1, got {steps}")
+    if batch % (steps * world) != 0:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({batch}) must be divisible by SOLVER.ACCUM_STEPS ({steps}) x the number "
+            f"of processes ({world}): each of the {steps} micro-batches of a step gives every process the "
+            "same number of images"
+        )
+    return batch // steps
 
 
 def build_train_dataset(cfg) -> list[dict]:
@@ -86,7 +101,9 @@ def build_lvis_train_loader(cfg, mapper=None, dataset: list[dict] | None = None)
         mapper = CheckedDatasetMapper(cfg, is_train=True)
     if isinstance(mapper, CheckedDatasetMapper):
         mapper.dataset_size = len(dataset)  # all images unusable: a clear error, not an empty draw
-    return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, mapper=mapper)
+    # Loader batches are micro-batches (SOLVER.ACCUM_STEPS); the sampler counts whole steps.
+    return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, mapper=mapper,
+                                        total_batch_size=micro_batch_size(cfg))
 
 
 class _Skipped(dict):

@@ -23,7 +23,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.build import build_train_sampler
+from ..data.build import build_train_sampler, micro_batch_size
 from ..data.pretrain import build_pretrain_loader
 from .checkpoint import AtomicDetectionCheckpointer
 from .hooks import RebalanceHook, find_train_sampler
@@ -86,7 +86,7 @@ class PretrainTrainer(Trainer):
         sampler = build_train_sampler(cfg, dataset)
         return build_pretrain_loader(
             dataset, sampler, mapper,
-            seed=cfg.SEED, total_batch_size=cfg.SOLVER.IMS_PER_BATCH, num_workers=cfg.DATALOADER.NUM_WORKERS,
+            seed=cfg.SEED, total_batch_size=micro_batch_size(cfg), num_workers=cfg.DATALOADER.NUM_WORKERS,
             max_retries=cfg.PRETRAIN.MAX_RETRIES,
         )
 

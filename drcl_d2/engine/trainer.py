@@ -15,6 +15,7 @@ What differs from DefaultTrainer, and why:
   of the backbone (unless MODEL.ALLOW_PARTIAL_WEIGHTS);
 - RebalanceHook keeps the sampler on the trainer's iteration and logs Dynamic Rebalancing;
 - StopOnRequestHook checkpoints and stops between steps when the SLURM launcher is signalled;
+- SOLVER.ACCUM_STEPS > 1: gradient accumulation (drcl_d2.engine.accumulate);
 - DDP without device_ids on CPU, so `--num-gpus 2` runs as 2 gloo processes (tests do this).
 """
 from __future__ import annotations
@@ -35,10 +36,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_drcl_config
-from ..data.build import build_checked_test_loader, build_lvis_train_loader, build_train_dataset
+from ..data.build import build_checked_test_loader, build_lvis_train_loader, build_train_dataset, micro_batch_size
 from ..data.checks import check_evaluation_datasets, check_num_classes, check_training_dicts
 from ..data.datasets import FREQUENCIES, check_lvis_frequencies, ensure_dataset_metadata, register_datasets_from_config
 from ..modeling.box_predictor import check_roi_heads_read_cls_loss, provide_class_image_counts
+from .accumulate import AccumulatingTrainer
 from .checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
 from .hooks import RebalanceHook, StopOnRequestHook, find_train_sampler
 
@@ -80,6 +82,7 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        micro_batch_size(cfg)  # SOLVER.ACCUM_STEPS fits IMS_PER_BATCH and the process count
         # The training json is parsed once, here, before the model is built: what the data can get
         # wrong (missing images, categories, masks) stops the run in seconds, not after the build.
         train_dataset = self.build_train_dataset(cfg)
@@ -99,7 +102,11 @@ class Trainer(DefaultTrainer):
             # A pretraining model with a loss term switched off leaves that term's modules unused.
             find_unused_parameters=bool(getattr(model, "has_unused_parameters", False)),
         )
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        if cfg.SOLVER.ACCUM_STEPS > 1:
+            self._trainer = AccumulatingTrainer(model, data_loader, optimizer, cfg.SOLVER.ACCUM_STEPS,
+                                                amp=cfg.SOLVER.AMP.ENABLED)
+        else:
+            self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.checkpointer.remove_stale_temporaries()  # main process only (save_to_disk)
