@@ -26,6 +26,7 @@ cross-entropy. A step's keys are pushed as pending and written at the start of t
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Sequence
 
@@ -49,6 +50,12 @@ __all__ = ["DetCo", "mlp_head"]
 logger = logging.getLogger(__name__)
 
 NUM_PATCHES = GRID * GRID  # 9 patches per jigsaw set (paper)
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros(n: int, device: torch.device) -> torch.Tensor:
+    """InfoNCE's labels (n,) int64 zeros, kept per size (read only)."""
+    return torch.zeros(n, dtype=torch.long, device=device)
 
 
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -143,8 +150,8 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
         self.queue_local = nn.ModuleDict(
             {lvl: FeatureQueue(queue_size, embed_dim, seed_index=2 * i + 1) for i, lvl in enumerate(levels)}
             if self.local else {})
-        self._link_queues()
         self._pending: list[torch.Tensor] = []  # (Q, N_global, D) per pushed step
+        self._link_queues()
         self._momentum_update = MomentumUpdate(self._key_modules)
         self._term_weights = None  # ((w_level, ...), (Q, 2) tensor): see _loss_weights
         self._warned_shuffle_bn = False
@@ -200,6 +207,7 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
                 (self.local_heads_q, self.local_heads_k))
 
     def _apply(self, fn, *args, **kwargs):
+        self.flush_queues()  # pending keys live on the old device
         super()._apply(fn, *args, **kwargs)
         # .to() / .cuda() replace each buffer by its own copy: re-stack the queues, re-list the tensors.
         self._link_queues()
@@ -243,6 +251,7 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
                            for name in ("keys", "ids", "ptr", "num_filled"))
         for i, q in enumerate(queues):
             q.keys, q.ids, q.ptr, q.num_filled = (b[i] for b in self._bank)
+            q.on_read = self.flush_queues  # a reader of any queue sees every pushed key
 
     def _queue_bank(self) -> tuple[torch.Tensor, ...]:
         """(keys (Q, K, D), ids (Q, K), ptr (Q,), num_filled (Q,)), re-linked if a copy of the model
@@ -257,10 +266,15 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
     def _dequeue_and_enqueue(self, keys_global: dict, keys_local: dict) -> None:
         """Push this step's keys of all ranks (gathered, rank order) as pending for every queue;
         flush_queues() writes them (the next forward calls it first)."""
-        per_queue = [k for lvl in self.levels
-                     for k in ((keys_global[lvl], keys_local[lvl]) if self.local else (keys_global[lvl],))]
-        keys = concat_all_gather(torch.stack(per_queue, dim=1))  # (world*N, Q, 128): one gather for all
-        self._pending.append(keys.transpose(0, 1))  # (Q, world*N, 128)
+        kg = torch.stack([keys_global[lvl] for lvl in self.levels])  # (L, N, 128)
+        self._push_keys(kg, torch.stack([keys_local[lvl] for lvl in self.levels]) if self.local else None)
+
+    @torch.no_grad()
+    def _push_keys(self, kg: torch.Tensor, kl: torch.Tensor | None) -> None:
+        """_dequeue_and_enqueue on stacked keys (L, N, 128), in bank order (Q, N, 128)."""
+        keys = torch.stack([kg, kl], dim=1).flatten(0, 1) if kl is not None else kg  # (Q, N, 128)
+        gathered = concat_all_gather(keys.transpose(0, 1))  # (world*N, Q, 128): one gather for all
+        self._pending.append(gathered.transpose(0, 1))  # (Q, world*N, 128)
 
     @torch.no_grad()
     def flush_queues(self) -> None:
@@ -270,11 +284,12 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
         Called at the start of forward, after the previous step's backward used the queues; a
         trainer that accumulates gradients over several forwards may call it when it chooses
         (a forward after a flush must not share a backward with one before it)."""
+        if not self._pending:
+            return
         pending, self._pending = self._pending, []
-        if pending:
-            bank_keys, _, ptr, num_filled = self._queue_bank()
-            for keys in pending:
-                write_keys(bank_keys, None, ptr, num_filled, keys, None)
+        bank_keys, _, ptr, num_filled = self._queue_bank()
+        for keys in pending:
+            write_keys(bank_keys, None, ptr, num_filled, keys, None)
 
     def _write_pending(self) -> None:  # PendingKeysCheckpoint: before state_dict()
         self.flush_queues()
@@ -306,32 +321,38 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
 
     @torch.no_grad()
     def _batch_unshuffle_ddp(self, x: torch.Tensor, idx_unshuffle: torch.Tensor | None) -> torch.Tensor:
-        """Undo _batch_shuffle_ddp on per-image rows x (N, D): row i is again this rank's image i."""
+        """Undo _batch_shuffle_ddp on per-image rows x (N, ...): row i is again this rank's image i."""
         if idx_unshuffle is None:
             return x
         world = comm.get_world_size()
-        x_all = concat_all_gather(x)  # (world*N, D)
+        x_all = concat_all_gather(x)  # (world*N, ...)
         return x_all[idx_unshuffle.view(world, -1)[comm.get_rank()]]
 
     # ------------------------------------------------------------------------------------------
     # Embeddings and losses
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (..., 3, H, W) -> float, (x - mean) / std."""
-        return (images.to(torch.float32) - self.pixel_mean) / self.pixel_std
+        """uint8 (..., 3, H, W) -> float, (x - mean) / std (uint8 - float32 promotes: no separate cast)."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def _embeddings(self, encoder, heads, inputs: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings of every level, stacked: (L, N, 128).
+
+        inputs: views (N, 3, S, S), pooled per level then through the level's head (C -> 128); or
+        patch sets (N, 9, 3, P, P), whose 9 pooled patch features are concatenated first (9C -> 128).
+        """
+        n = inputs.shape[0]
+        features = encoder(inputs.flatten(0, 1) if inputs.dim() == 5 else inputs)  # {level: (N or N*9, C, h, w)}
+        out = [heads[lvl](features[lvl].mean(dim=(2, 3)).reshape(n, -1)) for lvl in self.levels]  # (N, 128) each
+        return F.normalize(out[0][None] if len(out) == 1 else torch.stack(out), dim=2)  # one normalise for all levels
 
     def _global_embeddings(self, encoder, heads, images: torch.Tensor) -> dict:
         """images (N, 3, H, W) -> {level: L2-normalised (N, 128)}: pool, head, normalise."""
-        features = encoder(images)  # {level: (N, C, h, w)}
-        return {lvl: F.normalize(heads[lvl](features[lvl].mean(dim=(2, 3))), dim=1) for lvl in self.levels}
+        return dict(zip(self.levels, self._embeddings(encoder, heads, images).unbind(0)))
 
     def _local_embeddings(self, encoder, heads, patches: torch.Tensor) -> dict:
         """patches (N, 9, 3, P, P) -> {level: L2-normalised (N, 128)} from the 9 pooled patch features."""
-        n = patches.shape[0]
-        features = encoder(patches.flatten(0, 1))  # {level: (N*9, C, h, w)}
-        # Per level: pool (N*9, C) -> concatenate each image's 9 patches (N, 9C) -> head (N, 128).
-        return {lvl: F.normalize(heads[lvl](features[lvl].mean(dim=(2, 3)).reshape(n, -1)), dim=1)
-                for lvl in self.levels}
+        return dict(zip(self.levels, self._embeddings(encoder, heads, patches).unbind(0)))
 
     def _loss_weights(self, device) -> torch.Tensor:
         """(Q, 2) weight of each (queue, half of its queries) row of contrastive_losses: w_level for a
@@ -343,7 +364,15 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
         return self._term_weights[1]
 
     def contrastive_losses(self, q_global: dict, q_local: dict, k_global: dict, k_local: dict) -> dict:
-        """{"loss_<level>_gg", "_ll", "_gl": w_level * InfoNCE} against the current queues.
+        """{"loss_<level>_gg", "_ll", "_gl": w_level * InfoNCE} against the current queues, from
+        {level: (N, 128)} embeddings (see _contrastive_losses)."""
+        def stacked(d):
+            return torch.stack([d[lvl] for lvl in self.levels]) if d else None
+        return self._contrastive_losses(stacked(q_global), stacked(q_local), stacked(k_global), stacked(k_local))
+
+    def _contrastive_losses(self, qg: torch.Tensor, ql: torch.Tensor | None, kg: torch.Tensor,
+                            kl: torch.Tensor | None) -> dict:
+        """contrastive_losses on stacked embeddings (L, N, 128) (ql, kl None without the local branch).
 
         All 3·L terms at once: each queue is multiplied by the queries that use it, as one batched
         matmul over the bank. Queue rows: a level's global queue serves [q_global | q_local] with
@@ -352,12 +381,8 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
         q_global with k_global only.
         """
         bank = self._queue_bank()[0]  # (Q, K, 128)
-        qg = torch.stack([q_global[lvl] for lvl in self.levels])  # (L, N, 128)
-        kg = torch.stack([k_global[lvl] for lvl in self.levels])
         n = qg.shape[1]
         if self.local:
-            ql = torch.stack([q_local[lvl] for lvl in self.levels])
-            kl = torch.stack([k_local[lvl] for lvl in self.levels])
             pad = torch.zeros_like(ql)
             queries = torch.stack([torch.cat([qg, ql], 1), torch.cat([ql, pad], 1)], 1).flatten(0, 1)  # (Q, 2N, 128)
             keys = torch.stack([torch.cat([kg, kg], 1), torch.cat([kl, pad], 1)], 1).flatten(0, 1)
@@ -367,10 +392,14 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
         positive = (queries * keys).sum(dim=2, keepdim=True)  # (Q, rows, 1)
         negatives = torch.bmm(queries, bank.detach().transpose(1, 2))  # (Q, rows, K)
         logits = torch.cat([positive, negatives], dim=2).flatten(0, 1) / self.temperature  # (Q*rows, 1+K)
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positive at index 0
-        per_row = F.cross_entropy(logits, labels, reduction="none").view(-1, halves, n)  # (Q, halves, N)
-        weights = self._loss_weights(per_row.device)[:, :halves]  # (Q, halves)
-        terms = (per_row.mean(dim=2) * weights).flatten().unbind()  # w * InfoNCE per (queue, half)
+        labels = _zeros(logits.shape[0], logits.device)  # the positive is at index 0
+        if logits.shape[0] == n:  # one term (MoCo v2): the mean is cross_entropy's own reduction
+            terms = F.cross_entropy(logits, labels)[None, None]  # (1, 1)
+        else:
+            terms = F.cross_entropy(logits, labels, reduction="none").view(-1, halves, n).mean(dim=2)  # (Q, halves)
+        if any(w != 1.0 for w in self.level_weights.values()) or self.local:
+            terms = terms * self._loss_weights(logits.device)[:, :halves]  # w * InfoNCE (0: padding rows)
+        terms = terms.flatten().unbind()
         names = [name for lvl in self.levels
                  for name in ((f"loss_{lvl}_gg", f"loss_{lvl}_gl", f"loss_{lvl}_ll", None) if self.local
                               else (f"loss_{lvl}_gg",))]
@@ -394,22 +423,25 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
 
         self.flush_queues()  # the previous step's keys, now that its backward is done
 
-        # Queries: {level: (N, 128)}.
-        q_global = self._global_embeddings(self.encoder_q, self.global_heads_q, self._normalize(view_q))
-        q_local = (self._local_embeddings(self.encoder_q, self.local_heads_q, self._normalize(patches_q))
-                   if self.local else {})
+        # Queries: (L, N, 128) per branch.
+        qg = self._embeddings(self.encoder_q, self.global_heads_q, self._normalize(view_q))
+        ql = self._embeddings(self.encoder_q, self.local_heads_q, self._normalize(patches_q)) if self.local else None
 
         # Keys: momentum update first, then the key encoder on the rank-shuffled batch.
         with torch.no_grad():
             self._momentum_update_key_encoder()
             view_k, patches_k, idx_unshuffle = self._batch_shuffle_ddp(view_k, patches_k)
-            k_global = self._global_embeddings(self.encoder_k, self.global_heads_k, self._normalize(view_k))
-            k_local = (self._local_embeddings(self.encoder_k, self.local_heads_k, self._normalize(patches_k))
-                       if self.local else {})  # {level: (N, 128)} each, in shuffled order
-            k_global = {lvl: self._batch_unshuffle_ddp(k, idx_unshuffle) for lvl, k in k_global.items()}
-            k_local = {lvl: self._batch_unshuffle_ddp(k, idx_unshuffle) for lvl, k in k_local.items()}
+            kg = self._embeddings(self.encoder_k, self.global_heads_k, self._normalize(view_k))
+            kl = (self._embeddings(self.encoder_k, self.local_heads_k, self._normalize(patches_k))
+                  if self.local else None)  # (L, N, 128) each, in shuffled order
 
-        # Losses against the queues as they were before this step, then enqueue this step's keys.
-        losses = self.contrastive_losses(q_global, q_local, k_global, k_local)
-        self._dequeue_and_enqueue(k_global, k_local)
+            def unshuffle(k):  # along the batch dimension, all levels in one gather
+                return self._batch_unshuffle_ddp(k.transpose(0, 1), idx_unshuffle).transpose(0, 1)
+            kg = unshuffle(kg)
+            kl = unshuffle(kl) if self.local else None
+
+        # Losses against the queues as they were before this step; this step's keys are pushed
+        # and enter the queues at the start of the next forward (flush_queues).
+        losses = self._contrastive_losses(qg, ql, kg, kl)
+        self._push_keys(kg, kl)
         return losses

@@ -6,6 +6,7 @@ Each helper is small, runs under no_grad, and works on CPU (gloo) as on GPU (NCC
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -69,7 +70,7 @@ def write_keys(bank: torch.Tensor, bank_ids: torch.Tensor | None, ptr: torch.Ten
         return
     finite = torch.isfinite(keys).flatten(1).all(dim=1)  # (Q,) bool
     # Slot of key j in queue q, as a row of the flattened (Q*K, D) bank: q*K + (ptr_q + j) % K.
-    slots = (ptr[:, None] + torch.arange(n, device=ptr.device)).remainder_(size)  # (Q, N)
+    slots = (ptr[:, None] + _arange(n, ptr.device)).remainder_(size)  # (Q, N)
     if num_queues > 1:  # as rows of the flattened (Q*K, D) bank: q*K + slot
         slots = slots + torch.arange(0, num_queues * size, size, device=ptr.device)[:, None]
     rows = slots.flatten()  # (Q*N,)
@@ -81,9 +82,17 @@ def write_keys(bank: torch.Tensor, bank_ids: torch.Tensor | None, ptr: torch.Ten
         flat_ids = bank_ids.view(-1)
         old_ids = flat_ids.index_select(0, rows).view(num_queues, n)  # (Q, N)
         flat_ids.index_copy_(0, rows, torch.where(finite[:, None], ids[:, -size:].to(torch.long), old_ids).flatten())
-    advance = finite * n  # (Q,) int64: keys written per queue
-    ptr.add_(advance).remainder_(size)
-    num_filled.add_(advance).clamp_(max=size)
+    ptr.add_(finite, alpha=n).remainder_(size)  # + n where the keys were written
+    num_filled.add_(finite, alpha=n).clamp_(max=size)
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """torch.arange(n) on `device`, kept: batch sizes repeat every step (read only)."""
+    return torch.arange(n, device=device)
+
+
+_QUEUE_BUFFERS = ("keys", "ids", "ptr", "num_filled")
 
 
 class PendingKeysCheckpoint:
@@ -119,8 +128,13 @@ class FeatureQueue(PendingKeysCheckpoint, nn.Module):
       step may keep using `keys` until its backward has run;
     - `flush()` writes the pending keys in push order (`write_keys`: on the device, no host sync;
       a batch with a non-finite key is never stored). The models call it at the start of their
-      next forward; `state_dict()` calls it first, so a checkpoint holds every pushed key.
-    `enqueue` = push + flush.
+      next forward.
+    Pending keys are invisible to readers: reading a buffer (`queue.keys`, `.ids`, `.ptr`,
+    `.num_filled`) or `state_dict()` flushes first, so every reader sees all pushed keys, as if
+    they had been written at push time. (Reading between a forward and its backward therefore
+    writes the queue under the loss: backward then stops with autograd's in-place error.)
+    `enqueue` = push + flush. `on_read`, if set, is called on every buffer read: a model that
+    holds pending keys for several stacked queues (DetCo) flushes them there.
     """
 
     def __init__(self, size: int, dim: int, seed_index: int = 0):
@@ -139,6 +153,17 @@ class FeatureQueue(PendingKeysCheckpoint, nn.Module):
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))  # (K,) image id per key
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.on_read = None  # () -> None, called before a buffer is read (see the class docstring)
+
+    def __getattr__(self, name: str):
+        # Module keeps buffers outside __dict__, so every read of one comes here.
+        if name in _QUEUE_BUFFERS:
+            state = self.__dict__
+            if state.get("_pending"):
+                self.flush()
+            if state.get("on_read") is not None:
+                state["on_read"]()
+        return super().__getattr__(name)
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:
@@ -171,6 +196,10 @@ class FeatureQueue(PendingKeysCheckpoint, nn.Module):
 
     def _write_pending(self) -> None:
         self.flush()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.flush()  # pending keys live on the old device
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self):
         return f"size={self.size}, dim={self.dim}"
