@@ -236,8 +236,10 @@ def main():
     write_result(name, result)
 
     env = result["env"]
-    lines = [f"## Pretraining steps: 2DRCL vs stock Mask R-CNN, DetCo vs MoCo v2 ({'GPU: ' + str(env['cuda']) if gpu else 'CPU'})", "",
-             f"`python benchmarks/bench_pretrain_step.py{' --device cuda --amp' if gpu else ''}` — ResNet-50-FPN, "
+    compiled = " --compile" if args.compile else ""
+    lines = [f"## Pretraining steps: 2DRCL vs stock Mask R-CNN, DetCo vs MoCo v2 ({'GPU: ' + str(env['cuda']) if gpu else 'CPU'})"
+             + (", PRETRAIN.COMPILE" if args.compile else ""), "",
+             f"`python benchmarks/bench_pretrain_step.py{' --device cuda --amp' if gpu else ''}{compiled}` — ResNet-50-FPN, "
              f"batch {args.batch}, {h}×{w} images, median of {iters} iterations after {warmup} warm-up; "
              f"{env['cpu_count']} CPU cores, torch {env['torch']}, commit {env['commit']}.", "",
              "| model | precision | s / iter | images / s | peak memory (MiB) |", "|---|---|---|---|---|"]

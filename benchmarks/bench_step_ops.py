@@ -227,7 +227,8 @@ def table(rows: dict, before: dict | None) -> str:
                          f"{b['host_syncs_in_model']} → **{r['host_syncs_in_model']}** | "
                          f"{b['host_to_device']} → {r['host_to_device']} |")
         else:
-            lines.append(f"| {label} | {r['batch']} | {r['ops']:,} | {r['host_syncs_in_model']} | {r['host_to_device']} |")
+            lines.append(f"| {label} | {r['batch']} | {r['ops']:,} | {r['host_syncs_in_model']} | "
+                         f"{r['host_to_device']} |")
     return "\n".join(lines)
 
 
@@ -242,6 +243,8 @@ def main():
     parser.add_argument("--label", default=None, help="write step_ops_<label>.json and leave BENCHMARKS.md alone")
     parser.add_argument("--before", default=os.path.join(ROOT, "benchmarks", "results", "step_ops_before.json"),
                         help="the counts of the code before issue 13, for the before → after table")
+    parser.add_argument("--from-json", action="store_true",
+                        help="rewrite the table from the last run's benchmarks/results/step_ops_<device>.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=2, help=argparse.SUPPRESS)
@@ -253,21 +256,26 @@ def main():
         print(json.dumps(count_step(args.kind, args.device, args.batch, args.height, args.width)))
         return
 
-    from _report import environment, update_benchmarks_md, write_result
+    from _report import RESULTS, environment, update_benchmarks_md, write_result
 
-    rows = {}
     sizes = {int(b): tuple(int(v) for v in hw.split("x")) for b, hw in (x.split(":") for x in args.sizes.split(","))}
-    for batch, (h, w) in sizes.items():
-        for kind in args.kinds.split(","):
-            common = ["--device", args.device, "--kind", kind, "--batch", str(batch), "--height", str(h), "--width", str(w)]
-            rows[f"{kind}_b{batch}"] = run_child(common)
-            r = rows[f"{kind}_b{batch}"]
-            print(f"{kind} batch {batch}: {r['ops']} ops, {r['host_syncs_in_model']} syncs in the model step, "
-                  f"{r['host_to_device']} host-to-device", flush=True)
-    result = {"device": args.device, "rows": rows, "goals_batch2": GOALS, "detector_sizes": args.sizes,
-              "env": environment()}
     name = f"step_ops_{args.label or args.device}"
-    write_result(name, result)
+    if args.from_json:  # the table and BENCHMARKS.md section from the last run's counts
+        with open(os.path.join(RESULTS, f"{name}.json")) as f:
+            result = json.load(f)
+        rows = result["rows"]
+    else:
+        rows = {}
+        for batch, (h, w) in sizes.items():
+            for kind in args.kinds.split(","):
+                common = ["--device", args.device, "--kind", kind, "--batch", str(batch),
+                          "--height", str(h), "--width", str(w)]
+                rows[f"{kind}_b{batch}"] = r = run_child(common)
+                print(f"{kind} batch {batch}: {r['ops']} ops, {r['host_syncs_in_model']} syncs in the model step, "
+                      f"{r['host_to_device']} host-to-device", flush=True)
+        result = {"device": args.device, "rows": rows, "goals_batch2": GOALS, "detector_sizes": args.sizes,
+                  "env": environment()}
+        write_result(name, result)
     before = None
     if args.label is None and os.path.exists(args.before):
         with open(args.before) as f:
@@ -276,23 +284,28 @@ def main():
     print(text)
     if args.label is None and args.device == "cpu":
         env = result["env"]
-        met = {k: rows[f"{k}_b2"]["ops"] <= g for k, g in GOALS.items() if f"{k}_b2" in rows}
+        met = {LABELS[k]: rows[f"{k}_b2"]["ops"] <= g for k, g in GOALS.items() if f"{k}_b2" in rows}
         update_benchmarks_md("step_ops_cpu", "\n".join([
             "## Launched ops and host syncs per training step (CPU counts, the GPU-side proxy)", "",
-            f"`python benchmarks/bench_step_ops.py` — forward + backward + SGD step (+ 2DRCL's EMA update), "
-            f"the second step of a fresh model, counted under a TorchDispatchMode; Mask R-CNN and 2DRCL on "
-            f"{' / '.join(f'{h}×{w} (batch {b})' for b, (h, w) in sizes.items())} images with 8 boxes each, MoCo v2 / DetCo on their 224-px views "
-            f"(and 2 × 9 64-px patches); R-50 and the paper configs; torch {env['torch']}, commit {env['commit']}. "
-            "Before: the code before issue 13 (`benchmarks/results/step_ops_before.json`).", "",
+            "`python benchmarks/bench_step_ops.py` — one training step (forward, backward and 2DRCL's EMA "
+            "update; the SGD step is counted apart, in the JSON), the second step of a fresh model, counted "
+            "under a TorchDispatchMode; R-50 and the paper configs; Mask R-CNN and 2DRCL on "
+            f"{' / '.join(f'{h}×{w} (batch {b})' for b, (h, w) in sizes.items())} images with 8 boxes each "
+            "(the counts do not depend on the image size), MoCo v2 / DetCo on 224-px views and 2 × 9 64-px "
+            f"patches; torch {env['torch']}, commit {env['commit']}. Before: the code before issue 13 "
+            "(commit 5cfe367, `benchmarks/results/step_ops_before.json`).", "",
             text, "",
-            "Launched ops exclude views/aliases, allocations and torch.tensor(...) creations; host syncs count "
-            ".item()/int()/bool() reads, ops with value-dependent output shapes (nonzero, boolean indexing, "
-            "repeat_interleave without output_size, unique), .tolist()/.numpy() and device-to-host copies, as "
-            "they would sync on a GPU; the SGD step is not part of the model step (see the JSON). Goals at batch 2 "
-            f"(issue 13): MoCo v2 ≤ {GOALS['moco']}, DetCo ≤ {GOALS['detco']}, 2DRCL ≤ {GOALS['drcl']} ops "
-            f"({', '.join(f'{k}: ' + ('met' if v else 'missed') for k, v in met.items())}), 0 host syncs.",
+            "**Launched ops**: every aten op except views / aliases, allocations (`empty*`) and "
+            "`torch.tensor(...)` creations. **Host syncs**, as they would be on a GPU: `.item()` / `int()` / "
+            "`bool()` reads, ops whose output shape depends on values (`nonzero`, boolean indexing, "
+            "`repeat_interleave` without `output_size`, `unique`), `.tolist()` / `.numpy()` and device-to-host "
+            "copies; not counted: detectron2's `ImageList.from_tensors`, which reads CPU tensors of the image "
+            "shapes on a GPU too (2 per call). Each sync's code location is in the JSON. **Host-to-device "
+            "creations**: `torch.tensor(python data)` on the device (image ids, box counts, image sizes). "
+            f"Goals at batch 2 (issue 13): MoCo v2 ≤ {GOALS['moco']:,}, DetCo ≤ {GOALS['detco']:,}, "
+            f"2DRCL ≤ {GOALS['drcl']:,} ops ({'; '.join(f'{k}: ' + ('met' if v else 'missed') for k, v in met.items())}) "
+            "and 0 host syncs in the model step.",
         ]))
-
 
 if __name__ == "__main__":
     main()

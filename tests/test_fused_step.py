@@ -190,8 +190,8 @@ def _old_detco_losses(model, batch):
 def test_detco_batched_terms_equal_the_per_term_losses_gradients_and_queues_over_steps():
     torch.manual_seed(0)
     model = make_model(queue_size=8, momentum=0.9)  # 3 steps of 4 keys: the queues wrap
-    reference_queues = {(kind, lvl): queue_state(q) for kind, qs in (("g", model.queue_global), ("l", model.queue_local))
-                        for lvl, q in qs.items()}
+    reference_queues = {(kind, lvl): queue_state(q)
+                        for kind, qs in (("g", model.queue_global), ("l", model.queue_local)) for lvl, q in qs.items()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for step in range(3):
         batch = make_batch(4, seed=step)

@@ -397,15 +397,14 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
             terms = F.cross_entropy(logits, labels)[None, None]  # (1, 1)
         else:
             terms = F.cross_entropy(logits, labels, reduction="none").view(-1, halves, n).mean(dim=2)  # (Q, halves)
-        if any(w != 1.0 for w in self.level_weights.values()) or self.local:
+        if self.local or any(w != 1.0 for w in self.level_weights.values()):  # (MoCo v2 at w = 1: no op)
             terms = terms * self._loss_weights(logits.device)[:, :halves]  # w * InfoNCE (0: padding rows)
-        terms = terms.flatten().unbind()
-        names = [name for lvl in self.levels
-                 for name in ((f"loss_{lvl}_gg", f"loss_{lvl}_gl", f"loss_{lvl}_ll", None) if self.local
-                              else (f"loss_{lvl}_gg",))]
-        losses = {name: term for name, term in zip(names, terms) if name is not None}
-        return {name: losses[name] for lvl in self.levels for name in
-                ((f"loss_{lvl}_gg", f"loss_{lvl}_ll", f"loss_{lvl}_gl") if self.local else (f"loss_{lvl}_gg",))}
+        values = terms.flatten().unbind()  # one unbind: one op in backward
+        if not self.local:
+            return {f"loss_{lvl}_gg": value for lvl, value in zip(self.levels, values)}
+        # Bank order per level: global queue (gg, gl), local queue (ll, padding).
+        return {f"loss_{lvl}_{term}": values[4 * i + j] for i, lvl in enumerate(self.levels)
+                for term, j in (("gg", 0), ("ll", 2), ("gl", 1))}
 
     def forward(self, batched_inputs: list[dict]) -> dict:
         """batched_inputs: N dicts of DetCoViewMapper. Returns the named, weighted losses."""

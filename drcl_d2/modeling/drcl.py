@@ -26,8 +26,8 @@ Launch cost (SPEC §7): the EMA update is three fused ops (MomentumUpdate); the 
 every image at every stride is one set of masks (ValidRegions, one rounding rule), so HCL pooling,
 AR and SR are masked sums over the padded batch instead of per-image loops; SR's five levels are
 standardised and compared as one flattened map; the RPN computes its losses only (its proposals
-are not used) on cached anchors; RoI pooling assigns levels without host syncs; the queues are written at the start of the next forward (flush_queues), so no loss
-needs a copy of them.
+are not used) on cached anchors; RoI pooling assigns levels without host syncs. A step's keys
+enter the queues at the start of the next forward (flush_queues), so no loss needs a copy of them.
 """
 from __future__ import annotations
 
@@ -546,7 +546,8 @@ class DRCL(nn.Module):
         m = sum(counts)
         # Both views' boxes through the MLPs as one batch of 2M (see _holistic_loss).
         rois_1, rois_2 = self.roi_heads.box_rois(boxes_1), self.roi_heads.box_rois(boxes_2)  # online and target
-        box_feats = torch.cat([self.roi_heads(feats_1, boxes_1, rois_1), self.roi_heads(feats_2, boxes_2, rois_2)])  # (2M, C)
+        box_feats = torch.cat([self.roi_heads(feats_1, boxes_1, rois_1),
+                               self.roi_heads(feats_2, boxes_2, rois_2)])  # (2M, C)
         if health is not None:
             health["fc7_norm"] = box_feats.detach().norm(dim=1).mean() if m else box_feats.new_zeros(())
         q1, q2 = F.normalize(self.lcl_predictor(self.lcl_projector(box_feats)), dim=1).split(m)  # (M, D) each

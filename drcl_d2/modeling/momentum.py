@@ -16,8 +16,8 @@ from torch import nn
 
 QUEUE_SEED = 20210101  # initial queue keys: the same on every rank (FeatureQueue)
 
-__all__ = ["concat_all_gather", "FeatureQueue", "PendingKeysCheckpoint", "write_keys", "copy_params", "MomentumUpdate", "momentum_update",
-           "cosine_momentum"]
+__all__ = ["concat_all_gather", "FeatureQueue", "PendingKeysCheckpoint", "write_keys", "copy_params",
+           "MomentumUpdate", "momentum_update", "cosine_momentum"]
 
 
 @torch.no_grad()
