@@ -18,12 +18,14 @@ demo: setup
 test: setup
 	OMP_NUM_THREADS=2 $(PY) -m pytest $(PYTEST_ARGS) tests
 
-# Regenerates the CPU tables of BENCHMARKS.md (GPU rows: benchmarks/bench_pretrain_step.py --device cuda --amp).
+# Regenerates the CPU tables of BENCHMARKS.md (GPU rows: benchmarks/bench_pretrain_step.py --device cuda --amp,
+# benchmarks/bench_step_ops.py --device cuda).
 bench: setup
 	$(PY) benchmarks/bench_rebalance.py
 	$(PY) benchmarks/bench_mappers.py
 	$(PY) benchmarks/bench_pretrain_step.py
 	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_step_ops.py
 
 # The long-tail results table of BENCHMARKS.md (30 fine-tuning runs; about 90 min on 2 cores).
 longtail: setup

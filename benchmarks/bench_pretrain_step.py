@@ -35,7 +35,7 @@ LABELS = {"maskrcnn": "Mask R-CNN R50-FPN (detectron2)", "drcl": "2DRCL (all ter
 TERMS = ("HCL", "LCL", "AR", "SR", "RPN")
 
 
-def build(kind: str, device: str, off: str | None = None):
+def build(kind: str, device: str, off: str | None = None, compile_step: bool = False):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
@@ -56,6 +56,10 @@ def build(kind: str, device: str, off: str | None = None):
     model = build_model(cfg)
     if hasattr(model, "init_target"):
         model.init_target()
+    if compile_step:  # PRETRAIN.COMPILE (GPU; eager with a warning elsewhere)
+        from drcl_d2.engine.pretrain import compile_pretraining_step
+
+        compile_pretraining_step(model)
     model.train()
     return model
 
@@ -91,10 +95,10 @@ def make_inputs(kind: str, batch: int, h: int, w: int):
     return out
 
 
-def time_iterations(kind, device, batch, h, w, iters, warmup, amp=False, off=None):
+def time_iterations(kind, device, batch, h, w, iters, warmup, amp=False, off=None, compile_step=False):
     from detectron2.utils.events import EventStorage
 
-    model = build(kind, device, off)
+    model = build(kind, device, off, compile_step and kind != "maskrcnn")
     inputs = make_inputs(kind, batch, h, w)
     params = [p for p in model.parameters() if p.requires_grad]
     # lr 0: the optimizer does all its arithmetic but the randomly initialised weights (no ImageNet
@@ -166,6 +170,8 @@ def main():
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--amp", action="store_true", help="also measure with autocast fp16 (GPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="PRETRAIN.COMPILE: time the pretraining models with their compiled step (GPU)")
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--no-flops", action="store_true")
     parser.add_argument("--kinds", default="maskrcnn,drcl,moco,detco",
@@ -187,13 +193,13 @@ def main():
             print(json.dumps(forward_flops(args.kind, args.batch, h, w)))
         else:
             print(json.dumps(time_iterations(args.kind, args.device, args.batch, h, w, iters, warmup,
-                                             amp=args.amp_on, off=args.off)))
+                                             amp=args.amp_on, off=args.off, compile_step=args.compile)))
         return
 
     from _report import environment, update_benchmarks_md, write_result
 
     common = ["--device", args.device, "--batch", str(args.batch), "--height", str(h), "--width", str(w),
-              "--iters", str(iters), "--warmup", str(warmup)]
+              "--iters", str(iters), "--warmup", str(warmup)] + (["--compile"] if args.compile else [])
     kinds = args.kinds.split(",")
     rows = {}
     for amp in ([False, True] if args.amp else [False]):
@@ -224,14 +230,16 @@ def main():
               "warmup": warmup, "rows": rows, "ratio_drcl_over_maskrcnn": ratio, "goal": GOAL,
               "goal_met": ratio <= GOAL, "ratio_detco_over_moco": detco_ratio, "goal_detco": DETCO_GOAL,
               "goal_detco_met": detco_ratio <= DETCO_GOAL, "breakdown": breakdown, "forward_gflops": flops, "env": environment()}
-    name = "pretrain_step_" + ("gpu" if gpu else "cpu")
+    name = "pretrain_step_" + ("gpu" if gpu else "cpu") + ("_compiled" if args.compile else "")
     if args.batch != 2 or args.height or args.width or args.kinds != parser.get_default("kinds"):
         name += f"_b{args.batch}_{h}x{w}_" + "_".join(kinds)
     write_result(name, result)
 
     env = result["env"]
-    lines = [f"## Pretraining steps: 2DRCL vs stock Mask R-CNN, DetCo vs MoCo v2 ({'GPU: ' + str(env['cuda']) if gpu else 'CPU'})", "",
-             f"`python benchmarks/bench_pretrain_step.py{' --device cuda --amp' if gpu else ''}` — ResNet-50-FPN, "
+    compiled = " --compile" if args.compile else ""
+    lines = [f"## Pretraining steps: 2DRCL vs stock Mask R-CNN, DetCo vs MoCo v2 ({'GPU: ' + str(env['cuda']) if gpu else 'CPU'})"
+             + (", PRETRAIN.COMPILE" if args.compile else ""), "",
+             f"`python benchmarks/bench_pretrain_step.py{' --device cuda --amp' if gpu else ''}{compiled}` — ResNet-50-FPN, "
              f"batch {args.batch}, {h}×{w} images, median of {iters} iterations after {warmup} warm-up; "
              f"{env['cpu_count']} CPU cores, torch {env['torch']}, commit {env['commit']}.", "",
              "| model | precision | s / iter | images / s | peak memory (MiB) |", "|---|---|---|---|---|"]

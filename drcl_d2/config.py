@@ -95,6 +95,11 @@ def _add_pretrain_config(cfg: CN) -> None:
     cfg.PRETRAIN.MAX_RETRIES = 20
     # Iterations between metric prints / metrics.json lines.
     cfg.PRETRAIN.LOG_PERIOD = 20
+    # torch.compile the model's encoders / backbones and decoder (model.compile_step) on a GPU; on
+    # CPU, or without Triton, a warning and the eager model. Off: the step is launch-bound (SPEC §7).
+    cfg.PRETRAIN.COMPILE = False
+    # torch.compile's mode: "default", or "reduce-overhead" (CUDA Graphs) / "max-autotune".
+    cfg.PRETRAIN.COMPILE_MODE = "default"
 
 
 def _add_drcl_model_config(cfg: CN) -> None:

@@ -105,10 +105,13 @@ def test_decoder_output_follows_its_input_after_training(terms, lr, steps):
     active = (hidden > 0).float().mean().item()
     assert 0.1 < active < 0.9, active
     assert recon.flatten(2).std(dim=2).mean() > 0.05  # not a constant image
-    for i in range(2):  # follows its own input, not an average image
+    # Follows its own input, not an average image. With all terms, the correlation after 25 steps
+    # depends on the random initial queue keys: 0.24-0.47 measured over 5 queue initialisations
+    # (issue 13 seeds them per queue index); a dead or average decoder gives about 0 and own ≈ other.
+    for i in range(2):
         own = torch.corrcoef(torch.stack([recon[i].flatten(), target[i].flatten()]))[0, 1]
         other = torch.corrcoef(torch.stack([recon[i].flatten(), target[1 - i].flatten()]))[0, 1]
-        assert own > 0.25 and own > other + 0.1, (own, other)
+        assert own > 0.2 and own > other + 0.1, (own, other)
 
 
 # ---- no self-negatives ------------------------------------------------------------------------

@@ -8,7 +8,8 @@ It is the fine-tuning Trainer (atomic checkpoints, resumable samplers, CPU-aware
 - the model's own random draws seeded by (SEED, iteration, rank) before each step;
 - MODEL.WEIGHTS loaded into the online network only; the target/key network copies it when
   training starts from iteration 0, and follows by momentum afterwards (TargetNetworkHook);
-- no evaluation (DATASETS.TEST is ignored).
+- no evaluation (DATASETS.TEST is ignored);
+- PRETRAIN.COMPILE: the model's encoders compiled with torch.compile on a GPU (eager on CPU).
 
 The checkpoint holds the whole meta-architecture (online and target weights, queues and their
 pointers as buffers), the optimizer, scheduler and iteration, and the sampler position.
@@ -31,7 +32,7 @@ from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PretrainTrainer", "TargetNetworkHook", "unwrap_model", "step_seed"]
+__all__ = ["PretrainTrainer", "TargetNetworkHook", "unwrap_model", "step_seed", "compile_pretraining_step"]
 
 
 def unwrap_model(model):
@@ -41,6 +42,28 @@ def unwrap_model(model):
 def step_seed(seed: int, iteration: int, rank: int) -> int:
     """A distinct, reproducible torch seed for each (run seed, iteration, rank)."""
     return (seed * 1_000_003 + iteration * 1_009 + rank) % (2**63 - 1)
+
+
+def compile_pretraining_step(model, mode: str = "default") -> bool:
+    """PRETRAIN.COMPILE: torch.compile the model's compute-heavy modules in place
+    (`model.compile_step(mode)`: names, parameters and checkpoints unchanged) when the model is on
+    a GPU and Triton is installed. Otherwise log a warning and keep the eager model. Returns
+    whether it compiled; compilation itself happens at the first forward."""
+    from torch.utils._triton import has_triton
+
+    if not hasattr(model, "compile_step"):
+        logger.warning("PRETRAIN.COMPILE: %s has no compile_step; it runs eagerly", type(model).__name__)
+        return False
+    if model.device.type != "cuda":
+        logger.warning("PRETRAIN.COMPILE is for GPUs (it removes launch overhead); the model is on %s "
+                       "and runs eagerly", model.device)
+        return False
+    if not has_triton():
+        logger.warning("PRETRAIN.COMPILE: Triton is not installed; the model runs eagerly")
+        return False
+    model.compile_step(mode)
+    logger.info("PRETRAIN.COMPILE: encoders compiled with torch.compile(mode=%r)", mode)
+    return True
 
 
 class TargetNetworkHook(HookBase):
@@ -69,6 +92,13 @@ class PretrainTrainer(Trainer):
         model = unwrap_model(self.model)
         if hasattr(model, "checkpoint_meta"):  # lets drcl-convert recognise the method
             self.checkpointer.extra_state = {"drcl_d2": model.checkpoint_meta()}
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        if cfg.PRETRAIN.COMPILE:
+            compile_pretraining_step(model, cfg.PRETRAIN.COMPILE_MODE)
+        return model
 
     @classmethod
     def check_inputs(cls, cfg):

@@ -21,16 +21,26 @@ Designed-out failure modes (SPEC §7), each with a health signal logged under `h
   (self-negatives under DRB): hcl_self_negatives, lcl_self_negatives; fc7_norm.
 
 Dynamic Rebalancing is the data sampler (DATALOADER.SAMPLER_TRAIN), not part of this module.
+
+Launch cost (SPEC §7): the EMA update is three fused ops (MomentumUpdate); the unpadded region of
+every image at every stride is one set of masks (ValidRegions, one rounding rule), so HCL pooling,
+AR and SR are masked sums over the padded batch instead of per-image loops; SR's five levels are
+standardised and compared as one flattened map; the RPN computes its losses only (its proposals
+are not used) on cached anchors; RoI pooling assigns levels without host syncs. A step's keys
+enter the queues at the start of the next forward (flush_queues), so no loss needs a copy of them.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import zlib
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_proposal_generator
+from detectron2.modeling.poolers import assign_boxes_to_levels
+from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
@@ -38,9 +48,9 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .heads import MLPHead, ReconstructionDecoder
-from .losses import (info_nce, info_nce_with_batch_negatives, l2_normalized_mse, same_image_mask,
-                     spatially_normalized_mse)
-from .momentum import FeatureQueue, concat_all_gather, copy_params, cosine_momentum, gather_variable, momentum_update
+from .losses import info_nce, info_nce_with_batch_negatives, same_image_mask
+from .momentum import (FeatureQueue, MomentumUpdate, concat_all_gather, copy_params, cosine_momentum,
+                       gather_variable)
 
 __all__ = ["DRCL", "BoxFeatureHead"]
 
@@ -58,10 +68,36 @@ class BoxFeatureHead(nn.Module):
         self.box_pooler = box_pooler
         self.box_head = box_head
 
-    def forward(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        """features: FPN maps; boxes: per image (n_i, 4) XYXY -> (Σn_i, box_head dim)."""
-        pooled = self.box_pooler([features[f] for f in self.in_features], [Boxes(b) for b in boxes])
-        return self.box_head(pooled)
+    def forward(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor], rois=None) -> torch.Tensor:
+        """features: FPN maps; boxes: per image (n_i, 4) XYXY -> (Σn_i, box_head dim).
+        rois: box_rois(boxes), shared by the calls on the same boxes (online and target)."""
+        rois, levels = rois if rois is not None else self.box_rois(boxes)
+        return self.box_head(self._pool([features[f] for f in self.in_features], rois, levels))
+
+    def box_rois(self, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rois (M, 5): image index, x0, y0, x1, y1; FPN level index of each box (M,), None for one
+        level): ROIPooler's inputs, built without a host sync (the box counts are host data)."""
+        pooler = self.box_pooler
+        image_index = torch.tensor([i for i, b in enumerate(boxes) for _ in range(len(b))],
+                                   dtype=boxes[0].dtype, device=boxes[0].device)  # (M,)
+        rois = torch.cat([image_index[:, None], torch.cat(boxes)], dim=1)
+        if len(pooler.level_poolers) == 1:
+            return rois, None
+        levels = assign_boxes_to_levels([Boxes(b) for b in boxes], pooler.min_level, pooler.max_level,
+                                        pooler.canonical_box_size, pooler.canonical_level)
+        return rois, levels
+
+    def _pool(self, features: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+        """ROIPooler.forward without its per-level nonzero (one host sync per level): every level
+        pools every box and each box keeps its own level's result. The same values and gradients,
+        for a few boxes' extra RoIAlign work. -> (M, C, R, R)"""
+        poolers = self.box_pooler.level_poolers
+        if levels is None:
+            return poolers[0](features[0], rois)
+        out = poolers[0](features[0], rois)
+        for level in range(1, len(poolers)):
+            out = torch.where((levels == level)[:, None, None, None], poolers[level](features[level], rois), out)
+        return out
 
 
 class OnlineDetectorView(nn.Module):
@@ -87,13 +123,87 @@ class TargetNetwork(nn.Module):
             p.requires_grad_(False)
 
 
+class ValidRegions:
+    """The unpadded region of each image of a padded batch at several strides, as 0/1 masks.
+
+    One rule for every use (HCL pooling, AR, SR): at stride s, an image of h × w pixels covers the
+    top-left ceil(h / s) × ceil(w / s) cells of a feature map (at least 1 × 1), i.e. every cell
+    that holds a real pixel. The masks of all strides are built together on the device, laid out
+    as one flattened map: positions (N, P) with P = Σ_s H_s·W_s, the strides in the given order.
+    """
+
+    def __init__(self, image_sizes, shapes: dict[int, tuple[int, int]], device):
+        """image_sizes: N (h, w) unpadded sizes; shapes: {stride: (H_s, W_s)} padded map sizes."""
+        self.strides = list(shapes)
+        self.shapes = shapes
+        layout = _region_layout(tuple(shapes.items()), torch.device(device))  # position -> (row, col, stride)
+        self.offsets = dict(zip(self.strides, layout["offsets"]))
+        self.level = layout["level"]  # (P,) stride index of each position
+        sizes = torch.tensor(image_sizes, dtype=torch.long, device=device)  # (N, 2): one host-to-device copy
+        strides = layout["strides"]  # (S,)
+        cells = torch.div(sizes[:, :, None] + strides - 1, strides, rounding_mode="floor").clamp_(min=1)  # (N, 2, S)
+        self.counts = (cells[:, 0] * cells[:, 1]).to(torch.float32)  # (N, S) cells per image and stride
+        inside = (layout["row"] < cells[:, 0][:, self.level]) & (layout["col"] < cells[:, 1][:, self.level])
+        self.flat = inside.to(torch.float32)  # (N, P)
+
+    def mask(self, stride: int) -> torch.Tensor:
+        """(N, 1, H_s, W_s) 1 on each image's unpadded cells at `stride`."""
+        h, w = self.shapes[stride]
+        start = self.offsets[stride]
+        return self.flat[:, start:start + h * w].unflatten(1, (1, h, w))
+
+    def count(self, stride: int) -> torch.Tensor:
+        """(N,) unpadded cells of each image at `stride`."""
+        return self.counts[:, self.strides.index(stride)]
+
+    def masked_mean(self, feature: torch.Tensor, stride: int) -> torch.Tensor:
+        """Global average pool of each image's unpadded region: feature (N, C, H, W) -> (N, C)."""
+        return (feature * self.mask(stride)).sum(dim=(2, 3)) / self.count(stride)[:, None]
+
+
+@functools.lru_cache(maxsize=16)
+def _region_layout(shapes: tuple, device: torch.device) -> dict:
+    """Row, column and stride index of every position of the flattened maps of `shapes`
+    ((stride, (H, W)), ...). Depends on the padded shapes only: built on the host once per shapes
+    (a few recent ones kept: about 1 MB each at 800×1216) and copied to the device."""
+    rows, cols, level, offsets, start = [], [], [], [], 0
+    for i, (_, (h, w)) in enumerate(shapes):
+        grid_r, grid_c = torch.meshgrid(torch.arange(h, dtype=torch.int32), torch.arange(w, dtype=torch.int32),
+                                        indexing="ij")
+        rows.append(grid_r.flatten())
+        cols.append(grid_c.flatten())
+        level.append(torch.full((h * w,), i, dtype=torch.long))
+        offsets.append(start)
+        start += h * w
+    return {"row": torch.cat(rows).to(device), "col": torch.cat(cols).to(device),
+            "level": torch.cat(level).to(device), "offsets": offsets,
+            "strides": torch.tensor([s for s, _ in shapes], device=device)}
+
+
 def _valid_mean(feature: torch.Tensor, image_sizes, stride: int) -> torch.Tensor:
-    """Global average pool of each image's unpadded region. feature (N, C, H, W) -> (N, C)."""
-    pooled = []
-    for i, (h, w) in enumerate(image_sizes):
-        hs, ws = max(1, -(-h // stride)), max(1, -(-w // stride))
-        pooled.append(feature[i, :, :hs, :ws].mean(dim=(1, 2)))
-    return torch.stack(pooled)
+    """Global average pool of each image's unpadded region (ValidRegions' rule). (N, C, H, W) -> (N, C)."""
+    regions = ValidRegions(image_sizes, {stride: tuple(feature.shape[-2:])}, feature.device)
+    return regions.masked_mean(feature, stride)
+
+
+def _segment_sum(x: torch.Tensor, level: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """x (..., P) summed over the positions of each level: (..., num_levels)."""
+    return x.new_zeros(x.shape[:-1] + (num_levels,)).index_add_(x.dim() - 1, level, x)
+
+
+def _masked_standardize(x: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, level: torch.Tensor,
+                        eps: float) -> torch.Tensor:
+    """Each channel of each image and level standardised over its unpadded positions, 0 elsewhere.
+
+    x (N, C, P) flattened maps, mask (N, 1, P), counts (N, 1, L) positions per level, level (P,).
+    Per (image, channel, level) as F.instance_norm over that map's unpadded region: (x - mean) /
+    sqrt(biased var + eps).
+    """
+    num_levels = counts.shape[-1]
+    mean = _segment_sum(x * mask, level, num_levels) / counts  # (N, C, L)
+    centered = (x - mean[..., level]) * mask
+    var = _segment_sum(centered.pow(2), level, num_levels) / counts
+    return centered * torch.rsqrt(var + eps)[..., level]
 
 
 def _image_id_tensor(batched_inputs, device) -> torch.Tensor:
@@ -176,8 +286,11 @@ class DRCL(nn.Module):
         self.lcl_projector = MLPHead(box_dim, hidden_dim, embed_dim)
         self.lcl_predictor = MLPHead(embed_dim, hidden_dim, embed_dim)
         self.target = TargetNetwork(backbone, roi_heads, self.hcl_projector, self.lcl_projector)
-        self.queue_hcl = FeatureQueue(hcl_queue_size, embed_dim)  # (K_h, D) image keys
-        self.queue_lcl = FeatureQueue(lcl_queue_size, embed_dim)  # (K_l, D) box keys
+        # Initial keys seeded by queue index (FeatureQueue): the same on every rank.
+        self.queue_hcl = FeatureQueue(hcl_queue_size, embed_dim, seed_index=0)  # (K_h, D) image keys
+        self.queue_lcl = FeatureQueue(lcl_queue_size, embed_dim, seed_index=1)  # (K_l, D) box keys
+        self._momentum_update = MomentumUpdate(self._online_target_pairs)
+        self._anchors = {}  # RPN anchors per feature map sizes (_rpn_losses)
 
         self.hcl_in_feature = hcl_in_feature
         self.hcl_stride = shapes[hcl_in_feature].stride
@@ -189,7 +302,7 @@ class DRCL(nn.Module):
         self.base_momentum = base_momentum
         self.max_iter = max_iter
         self.sr_in_features = list(sr_in_features)
-        self.sr_strides = {f: shapes[f].stride for f in self.sr_in_features}
+        self.strides = {f: shape.stride for f, shape in shapes.items()}  # backbone outputs
         self.sr_patch_size = sr_patch_size
         self.sr_mask_ratio = sr_mask_ratio
         if sr_norm not in ("spatial", "channel"):
@@ -270,9 +383,27 @@ class DRCL(nn.Module):
     @torch.no_grad()
     def update_target(self, iteration: int):
         """EMA step after the optimizer step of `iteration`: m rises from base to 1 (cosine)."""
-        m = cosine_momentum(self.base_momentum, iteration + 1, self.max_iter)
-        for online, target in self._online_target_pairs():
-            momentum_update(online, target, m)
+        self._momentum_update(cosine_momentum(self.base_momentum, iteration + 1, self.max_iter))
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._momentum_update.reset()  # .to() / .cuda() replace buffers: list the tensors again
+        self._anchors = {}
+        return self
+
+    @torch.no_grad()
+    def flush_queues(self) -> None:
+        """Write the keys pushed by the previous step into the queues (FeatureQueue.flush: on the
+        device, no host sync, non-finite keys never stored). forward calls it first; a trainer that
+        accumulates gradients over several forwards may call it when it chooses."""
+        self.queue_hcl.flush()
+        self.queue_lcl.flush()
+
+    def compile_step(self, mode: str = "default") -> None:
+        """torch.compile the backbones and the decoder in place (PRETRAIN.COMPILE): names,
+        state_dict and parameters unchanged; box, RPN and loss code stay eager (variable box counts)."""
+        for module in (self.backbone, self.target.backbone, self.decoder):
+            module.compile(mode=mode, dynamic=True)
 
     def checkpoint_meta(self) -> dict:
         return {"method": "drcl", "depth": self.depth}
@@ -293,9 +424,19 @@ class DRCL(nn.Module):
             return False
         return (iteration + 1) % self.health_period == 0 or iteration + 1 == self.max_iter
 
+    def _valid_regions(self, images: ImageList, features: dict, names, extra_strides=()) -> ValidRegions:
+        """ValidRegions of `images` at the strides of the feature maps `names` (in that order, so
+        their flattened layout is their concatenation) and at `extra_strides` (padded size / s)."""
+        shapes = {self.strides[f]: tuple(features[f].shape[-2:]) for f in names}
+        h, w = images.tensor.shape[-2:]
+        for s in extra_strides:
+            shapes.setdefault(s, (h // s, w // s))
+        return ValidRegions(images.image_sizes, shapes, self.device)
+
     def forward(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
         if not self.training:
             raise RuntimeError("DRCL is a pretraining model; convert it (drcl-convert) to run a detector")
+        self.flush_queues()  # the previous step's keys, now that its backward is done
         w = self.loss_weights
         health = {} if self._health_due() else None  # name -> 0-d tensor, logged under health/
         images_1 = self._images(batched_inputs, "image_v1")  # (N, 3, H, W), normalised, padded
@@ -309,10 +450,15 @@ class DRCL(nn.Module):
         with torch.no_grad():
             target_1 = self.target.backbone(images_1.tensor)
             target_2 = self.target.backbone(images_2.tensor)
+        # Unpadded regions: view 1 at the SR levels (first: SR flattens them in this order), HCL's
+        # level and the decoder's stride; view 2 at HCL's level.
+        regions_1 = self._valid_regions(images_1, feats_1, [*self.sr_in_features, self.hcl_in_feature],
+                                        [self.decoder.out_stride])
+        regions_2 = self._valid_regions(images_2, feats_2, [self.hcl_in_feature])
 
         losses, new_keys = {}, {}
         if w["hcl"] > 0:
-            loss, new_keys["hcl"] = self._holistic_loss(images_1, images_2, feats_1, feats_2, target_1, target_2,
+            loss, new_keys["hcl"] = self._holistic_loss(regions_1, regions_2, feats_1, feats_2, target_1, target_2,
                                                         image_ids, health)
             losses["loss_hcl"] = w["hcl"] * loss
         if w["lcl"] > 0:
@@ -320,44 +466,65 @@ class DRCL(nn.Module):
                                                      image_ids, health)
             losses["loss_lcl"] = w["lcl"] * loss
         if w["rpn"] > 0:
-            gt = [Instances(size, gt_boxes=Boxes(b)) for size, b in zip(images_1.image_sizes, boxes_1)]
-            _, rpn_losses = self.proposal_generator(images_1, feats_1, gt)
-            losses.update({k: v * w["rpn"] for k, v in rpn_losses.items()})
+            losses.update({k: v * w["rpn"] for k, v in self._rpn_losses(images_1, feats_1, boxes_1).items()})
         if w["ar"] > 0 or w["sr"] > 0:
             recon, hidden = self.decoder(feats_1, return_hidden=True)  # (N, 3, H/4, W/4) normalised pixels
             if w["ar"] > 0:
-                losses["loss_ar"] = w["ar"] * self._appearance_loss(recon, images_1)
+                losses["loss_ar"] = w["ar"] * self._appearance_loss(recon, images_1, regions_1)
             if w["sr"] > 0:
-                losses["loss_sr"] = w["sr"] * self._semantic_loss(recon, images_1, target_1, batched_inputs, health)
+                losses["loss_sr"] = w["sr"] * self._semantic_loss(recon, images_1, target_1, batched_inputs, health,
+                                                                  regions_1)
             if health is not None:
                 self._decoder_health(recon, hidden, images_1, health)
         if health is not None:
             self._put_health(feats_1, boxes_1, health)
 
-        # Queues advance after the losses used them, with the keys and image ids of all ranks
-        # (gathered above); FeatureQueue never stores non-finite keys.
+        # This step's keys and image ids of all ranks (gathered above) enter the queues at the start
+        # of the next forward (flush_queues): the losses above still hold the queues for backward.
         if "hcl" in new_keys:
-            self.queue_hcl.enqueue(*new_keys["hcl"])
+            self.queue_hcl.push(*new_keys["hcl"])
         if "lcl" in new_keys:
-            self.queue_lcl.enqueue(*new_keys["lcl"])
+            self.queue_lcl.push(*new_keys["lcl"])
         return losses
 
-    def _holistic_loss(self, images_1, images_2, feats_1, feats_2, target_1, target_2, image_ids, health):
+    def _rpn_losses(self, images: ImageList, features: dict, boxes: list[torch.Tensor]) -> dict:
+        """detectron2's RPN losses with the boxes as class-agnostic ground truth.
+
+        RPN.forward without its predict_proposals (top-k, NMS, filtering per image): 2DRCL never
+        uses the proposals, and that part launches many ops and syncs with the host.
+        """
+        rpn = self.proposal_generator
+        gt = [Instances(size, gt_boxes=Boxes(b)) for size, b in zip(images.image_sizes, boxes)]
+        if not isinstance(rpn, RPN):  # another proposal generator: its own forward
+            return rpn(images, features, gt)[1]
+        maps = [features[f] for f in rpn.in_features]
+        sizes = tuple(tuple(x.shape[-2:]) for x in maps)
+        anchors = self._anchors.get(sizes)
+        if anchors is None:  # a function of the map sizes only: built once per padded size
+            anchors = self._anchors[sizes] = rpn.anchor_generator(maps)
+            while len(self._anchors) > 16:
+                self._anchors.pop(next(iter(self._anchors)))
+        logits, deltas = rpn.rpn_head(maps)
+        logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]  # (N, A, Hi, Wi) -> (N, Hi*Wi*A)
+        box_dim = rpn.anchor_generator.box_dim  # (N, A*B, Hi, Wi) -> (N, Hi*Wi*A, B)
+        deltas = [x.view(x.shape[0], -1, box_dim, *x.shape[-2:]).permute(0, 3, 4, 1, 2).flatten(1, -2) for x in deltas]
+        gt_labels, gt_boxes = rpn.label_and_sample_anchors(anchors, gt)
+        return rpn.losses(anchors, logits, gt_labels, deltas, gt_boxes)
+
+    def _holistic_loss(self, regions_1, regions_2, feats_1, feats_2, target_1, target_2, image_ids, health):
         """HCL, symmetric over the views. Returns (loss, (keys (2·N_global, D), their image ids))."""
         f, s = self.hcl_in_feature, self.hcl_stride
-        n = len(images_1.image_sizes)
+        n = image_ids.shape[0]
         # Both views go through the MLPs as one batch of 2N: their BatchNorm then always sees >= 2
         # samples (one image per GPU works) and both views are normalised alike.
-        pooled = torch.cat([_valid_mean(feats_1[f], images_1.image_sizes, s),
-                            _valid_mean(feats_2[f], images_2.image_sizes, s)])  # (2N, C)
+        pooled = torch.cat([regions_1.masked_mean(feats_1[f], s), regions_2.masked_mean(feats_2[f], s)])  # (2N, C)
         z1, z2 = F.normalize(self.hcl_predictor(self.hcl_projector(pooled)), dim=1).split(n)  # (N, D) each
         with torch.no_grad():
-            pooled_t = torch.cat([_valid_mean(target_1[f], images_1.image_sizes, s),
-                                  _valid_mean(target_2[f], images_2.image_sizes, s)])
+            pooled_t = torch.cat([regions_1.masked_mean(target_1[f], s), regions_2.masked_mean(target_2[f], s)])
             k1, k2 = F.normalize(self.target.hcl_projector(pooled_t), dim=1).split(n)
             all_ids = concat_all_gather(image_ids)  # (N_global,)
-        queue = self.queue_hcl.keys.clone()
-        own = same_image_mask(image_ids, self.queue_hcl.ids.clone())  # (N, K): stale keys of the same image
+        queue = self.queue_hcl.keys  # (K, D): written only at the next forward, no copy needed
+        own = same_image_mask(image_ids, self.queue_hcl.ids)  # (N, K): stale keys of the same image
         if health is not None:
             health["hcl_self_negatives"] = own.any(dim=1).float().mean()
         exclude = own if self.exclude_same_image else None
@@ -378,24 +545,27 @@ class DRCL(nn.Module):
         counts = [len(b) for b in boxes_1]
         m = sum(counts)
         # Both views' boxes through the MLPs as one batch of 2M (see _holistic_loss).
-        box_feats = torch.cat([self.roi_heads(feats_1, boxes_1), self.roi_heads(feats_2, boxes_2)])  # (2M, C)
+        rois_1, rois_2 = self.roi_heads.box_rois(boxes_1), self.roi_heads.box_rois(boxes_2)  # online and target
+        box_feats = torch.cat([self.roi_heads(feats_1, boxes_1, rois_1),
+                               self.roi_heads(feats_2, boxes_2, rois_2)])  # (2M, C)
         if health is not None:
             health["fc7_norm"] = box_feats.detach().norm(dim=1).mean() if m else box_feats.new_zeros(())
         q1, q2 = F.normalize(self.lcl_predictor(self.lcl_projector(box_feats)), dim=1).split(m)  # (M, D) each
         with torch.no_grad():
             t = self.target
-            box_feats_t = torch.cat([t.roi_heads(target_1, boxes_1), t.roi_heads(target_2, boxes_2)])
+            box_feats_t = torch.cat([t.roi_heads(target_1, boxes_1, rois_1), t.roi_heads(target_2, boxes_2, rois_2)])
             k1, k2 = F.normalize(t.lcl_projector(box_feats_t), dim=1).split(m)  # (M, D) each
             (all_k1, sizes), (all_k2, _) = gather_variable(k1), gather_variable(k2)  # (M_global, D)
             offset = sum(sizes[: comm.get_rank()])  # this rank's first box in the gathered list
-            # Per box: its image id and its batch entry (global index of the view pair).
-            per_box = torch.repeat_interleave(torch.arange(len(counts), device=self.device),
-                                              torch.tensor(counts, device=self.device))  # (M,)
+            # Per box: its image id and its batch entry (global index of the view pair). The box
+            # counts are host data: one host-to-device copy, no data-dependent op.
+            per_box = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)], dtype=torch.long,
+                                   device=self.device)  # (M,)
             entry = per_box + comm.get_rank() * len(counts)
             box_ids = image_ids[per_box]
             all_ids, _ = gather_variable(torch.stack([box_ids, entry], dim=1))  # (M_global, 2)
-        queue = self.queue_lcl.keys.clone()
-        own_queue = same_image_mask(box_ids, self.queue_lcl.ids.clone())  # (M, K)
+        queue = self.queue_lcl.keys  # (K, D): written only at the next forward, no copy needed
+        own_queue = same_image_mask(box_ids, self.queue_lcl.ids)  # (M, K)
         own_batch = same_image_mask(box_ids, all_ids[:, 0]) & (entry[:, None] != all_ids[None, :, 1])  # (M, M_all)
         if health is not None:
             health["lcl_self_negatives"] = (own_queue.any(1) | own_batch.any(1)).float().mean() if m \
@@ -411,21 +581,23 @@ class DRCL(nn.Module):
         loss = loss * (q1.shape[0] * comm.get_world_size() / max(all_k1.shape[0], 1))
         return loss, (torch.cat([all_k1, all_k2]), torch.cat([all_ids[:, 0], all_ids[:, 0]]))
 
-    def _appearance_loss(self, recon, images):
-        """L_AR: mean squared error to the normalised input average-pooled to the decoder's stride."""
+    def _appearance_loss(self, recon, images, regions: ValidRegions | None = None):
+        """L_AR: mean squared error to the normalised input average-pooled to the decoder's stride,
+        over each image's unpadded region (ValidRegions), averaged over images."""
         stride = self.decoder.out_stride
         target = F.avg_pool2d(images.tensor, stride)  # (N, 3, H/4, W/4)
-        per_image = []
-        for i, (h, w) in enumerate(images.image_sizes):  # unpadded region only
-            hs, ws = h // stride, w // stride
-            per_image.append(F.mse_loss(recon[i, :, :hs, :ws], target[i, :, :hs, :ws]))
-        return torch.stack(per_image).mean()
+        if regions is None:
+            regions = self._valid_regions(images, {}, [], [stride])
+        squared = (recon - target).pow(2) * regions.mask(stride)  # (N, 3, H/4, W/4), 0 on padding
+        per_image = squared.sum(dim=(1, 2, 3)) / (recon.shape[1] * regions.count(stride))  # (N,)
+        return per_image.mean()
 
     def _semantic_mask(self, batched_inputs, shape) -> torch.Tensor:
         """M: 1 for kept pixels, 0 on random patches (ratio sr_mask_ratio). (N, 1, H, W)
 
         Drawn per image from (image id, iteration), so the same image at the same iteration is
-        masked alike on any number of ranks and after a resume.
+        masked alike on any number of ranks and after a resume. The draw runs on the host; the
+        grids of all images reach the device in one copy.
         """
         n, _, h, w = shape
         p = self.sr_patch_size
@@ -434,39 +606,53 @@ class DRCL(nn.Module):
             iteration = get_event_storage().iter
         except AssertionError:  # outside a trainer (unit tests)
             iteration = 0
-        masks = []
-        for x in batched_inputs:
+        num_masked = int(round(self.sr_mask_ratio * gh * gw))
+        grid = torch.ones(n, gh * gw)  # host
+        for i, x in enumerate(batched_inputs):
             g = torch.Generator().manual_seed((int(x.get("image_id", 0)) * 7919 + iteration) % (2**63 - 1))
-            num_masked = int(round(self.sr_mask_ratio * gh * gw))
-            grid = torch.ones(gh * gw)
-            grid[torch.randperm(gh * gw, generator=g)[:num_masked]] = 0.0
-            masks.append(grid.view(1, gh, gw))
-        mask = torch.stack(masks).to(self.device)
+            grid[i, torch.randperm(gh * gw, generator=g)[:num_masked]] = 0.0
+        mask = grid.view(n, 1, gh, gw).to(self.device)
         return F.interpolate(mask, scale_factor=p, mode="nearest")[:, :, :h, :w]
 
-    def _semantic_loss(self, recon, images, target_1, batched_inputs, health=None):
+    def _semantic_loss(self, recon, images, target_1, batched_inputs, health=None,
+                       regions: ValidRegions | None = None):
         """L_SR = Σ_p ||f(x) - f(M(g(f(x))))||² with f(x) from the target (stop-gradient), each
-        map normalised as SR_NORM says before the squared distance (see spatially_normalized_mse)."""
+        map normalised as SR_NORM says before the squared distance (see spatially_normalized_mse),
+        over each image's unpadded region (ValidRegions), summed over levels, averaged over images.
+
+        All levels at once: the maps are flattened and concatenated, (N, C, P) with P = Σ H_p·W_p,
+        and per-level sums are segment sums over the positions of each level.
+        """
         full = F.interpolate(recon, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
         masked = full * self._semantic_mask(batched_inputs, full.shape)  # masked patches -> mean pixel (0)
         feats = self.backbone(masked)  # gradients reach g and f
-        distance = spatially_normalized_mse if self.sr_norm == "spatial" else l2_normalized_mse
-        total, centered = 0.0, 0.0
-        for level in self.sr_in_features:
-            s = self.sr_strides[level]
-            for i, (h, w) in enumerate(images.image_sizes):
-                hs, ws = max(1, -(-h // s)), max(1, -(-w // s))
-                online = feats[level][i: i + 1, :, :hs, :ws]  # (1, C, hs, ws)
-                target = target_1[level][i: i + 1, :, :hs, :ws]
-                total = total + distance(online, target) / len(images.image_sizes)
-                if health is not None:  # the channel-L2 form with each map's per-channel offset removed
-                    with torch.no_grad():
-                        centered = centered + l2_normalized_mse(
-                            online - online.mean(dim=(2, 3), keepdim=True),
-                            target - target.mean(dim=(2, 3), keepdim=True)) / len(images.image_sizes)
-        if health is not None:
-            health["sr_centered"] = centered
-        return total
+        if regions is None:
+            regions = self._valid_regions(images, feats, self.sr_in_features)
+        online = torch.cat([feats[f].flatten(2) for f in self.sr_in_features], dim=2)  # (N, C, P)
+        target = torch.cat([target_1[f].flatten(2) for f in self.sr_in_features], dim=2).detach()
+        num_levels, positions = len(self.sr_in_features), online.shape[2]
+        mask, level = regions.flat[:, None, :positions], regions.level[:positions]  # (N, 1, P), (P,)
+        counts = regions.counts[:, :num_levels]  # (N, L) unpadded positions per level
+        if self.sr_norm == "spatial":  # spatially_normalized_mse per image and level
+            diff = (_masked_standardize(online, mask, counts[:, None], level, 1e-5)
+                    - _masked_standardize(target, mask, counts[:, None], level, 1e-5))
+            per_level = _segment_sum(diff.pow(2).sum(dim=1), level, num_levels) / (counts * online.shape[1])
+        else:  # l2_normalized_mse per image and level
+            per_level = _segment_sum(self._channel_l2_distance(online, target, mask), level, num_levels) / counts
+        if health is not None:  # the channel-L2 form with each map's per-channel offset removed
+            with torch.no_grad():
+                def centered(x):
+                    mean = _segment_sum(x * mask, level, num_levels) / counts[:, None]  # (N, C, L)
+                    return x - mean[..., level]
+                distance = self._channel_l2_distance(centered(online), centered(target), mask)
+                health["sr_centered"] = (_segment_sum(distance, level, num_levels) / counts).sum(dim=1).mean()
+        return per_level.sum(dim=1).mean()  # (N, L) -> Σ levels, mean over images
+
+    @staticmethod
+    def _channel_l2_distance(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """||n(a) - n(b)||² per position, n = L2 normalisation over channels; a, b (N, C, P) -> (N, P),
+        0 on padding (mask (N, 1, P))."""
+        return (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(dim=1) * mask[:, 0]
 
     # ---- health signals (SPEC §7): what a falling loss cannot show ----------------------------
     @torch.no_grad()

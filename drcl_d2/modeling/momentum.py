@@ -5,6 +5,8 @@ Each helper is small, runs under no_grad, and works on CPU (gloo) as on GPU (NCC
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import torch
@@ -12,7 +14,10 @@ import torch.distributed as dist
 from detectron2.utils import comm
 from torch import nn
 
-__all__ = ["concat_all_gather", "FeatureQueue", "copy_params", "momentum_update", "cosine_momentum"]
+QUEUE_SEED = 20210101  # initial queue keys: the same on every rank (FeatureQueue)
+
+__all__ = ["concat_all_gather", "FeatureQueue", "PendingKeysCheckpoint", "write_keys", "copy_params",
+           "MomentumUpdate", "momentum_update", "cosine_momentum"]
 
 
 @torch.no_grad()
@@ -47,45 +52,154 @@ def gather_variable(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return torch.cat([gathered[r * m: r * m + n] for r, n in enumerate(sizes)], dim=0), sizes
 
 
-class FeatureQueue(nn.Module):
+def write_keys(bank: torch.Tensor, bank_ids: torch.Tensor | None, ptr: torch.Tensor, num_filled: torch.Tensor,
+               keys: torch.Tensor, ids: torch.Tensor | None) -> None:
+    """Write keys into Q stacked FIFO queues at their pointers, wrapping around; all on the device.
+
+    bank (Q, K, D) and bank_ids (Q, K) the queues, ptr and num_filled (Q,) int64; keys (Q, N, D) and
+    ids (Q, N) the new keys of each queue (bank_ids and ids None: queues that never hold ids, whose
+    ids stay -1). Written in place, with no host read (no sync):
+    - a queue whose N new keys are not all finite is left exactly as it was (keys, ids, pointer and
+      count): a diverging step must not poison the queue (torch.where on a (Q,) finite mask);
+    - more keys than slots (N > K): the newest K are written.
+    """
+    num_queues, size = bank.shape[:2]
+    keys = keys[:, -size:]
+    n = keys.shape[1]
+    if n == 0:
+        return
+    finite = torch.isfinite(keys).flatten(1).all(dim=1)  # (Q,) bool
+    # Slot of key j in queue q, as a row of the flattened (Q*K, D) bank: q*K + (ptr_q + j) % K.
+    slots = (ptr[:, None] + _arange(n, ptr.device)).remainder_(size)  # (Q, N)
+    if num_queues > 1:  # as rows of the flattened (Q*K, D) bank: q*K + slot
+        slots = slots + torch.arange(0, num_queues * size, size, device=ptr.device)[:, None]
+    rows = slots.flatten()  # (Q*N,)
+    flat_keys = bank.view(-1, bank.shape[2])
+    # A queue with a non-finite key gets its old values written back: unchanged, without a branch.
+    old_keys = flat_keys.index_select(0, rows).view(num_queues, n, -1)  # (Q, N, D)
+    flat_keys.index_copy_(0, rows, torch.where(finite[:, None, None], keys.to(bank.dtype), old_keys).flatten(0, 1))
+    if bank_ids is not None:
+        flat_ids = bank_ids.view(-1)
+        old_ids = flat_ids.index_select(0, rows).view(num_queues, n)  # (Q, N)
+        flat_ids.index_copy_(0, rows, torch.where(finite[:, None], ids[:, -size:].to(torch.long), old_ids).flatten())
+    ptr.add_(finite, alpha=n).remainder_(size)  # + n where the keys were written
+    num_filled.add_(finite, alpha=n).clamp_(max=size)
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """torch.arange(n) on `device`, kept: batch sizes repeat every step (read only)."""
+    return torch.arange(n, device=device)
+
+
+_QUEUE_BUFFERS = ("keys", "ids", "ptr", "num_filled")
+
+
+class PendingKeysCheckpoint:
+    """For an nn.Module that holds pushed keys in `self._pending` until `_write_pending()`:
+    state_dict() writes them first (a checkpoint holds every key pushed so far) and
+    load_state_dict() drops them (the loaded queues supersede them)."""
+
+    _pending: list
+
+    def _write_pending(self) -> None:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._write_pending()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._pending = []
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class FeatureQueue(PendingKeysCheckpoint, nn.Module):
     """A FIFO of L2-normalised embeddings (K, D) with a write pointer, both checkpointed buffers.
 
     The queue starts filled with random unit vectors (as MoCo does) so InfoNCE has K negatives
     from the first step; `num_filled` counts real keys written so far. `ids` (K,) holds the image id
     each key came from (-1: an initial random key, or a key enqueued without ids), so a loss can
     leave out the stale keys of a query's own image (SPEC §7: DRB repeats rare images).
+
+    Writing is two steps, so that no loss needs a copy of the queue and the trainer decides when
+    keys enter it (gradient accumulation):
+    - `push(keys, ids)` holds a step's keys as pending; the queue is unchanged, so a loss of this
+      step may keep using `keys` until its backward has run;
+    - `flush()` writes the pending keys in push order (`write_keys`: on the device, no host sync;
+      a batch with a non-finite key is never stored). The models call it at the start of their
+      next forward.
+    Pending keys are invisible to readers: reading a buffer (`queue.keys`, `.ids`, `.ptr`,
+    `.num_filled`) or `state_dict()` flushes first, so every reader sees all pushed keys, as if
+    they had been written at push time. (Reading between a forward and its backward therefore
+    writes the queue under the loss: backward then stops with autograd's in-place error.)
+    `enqueue` = push + flush. `on_read`, if set, is called on every buffer read: a model that
+    holds pending keys for several stacked queues (DetCo) flushes them there.
     """
 
-    def __init__(self, size: int, dim: int):
+    def __init__(self, size: int, dim: int, seed_index: int = 0):
         super().__init__()
         if size <= 0:
             raise ValueError(f"queue size must be > 0, got {size}")
         self.size, self.dim = int(size), int(dim)
-        self.register_buffer("keys", nn.functional.normalize(torch.randn(size, dim), dim=1))  # (K, D)
+        # One policy for every queue: its initial keys depend on (QUEUE_SEED, seed_index) only, never
+        # on the global RNG, so every rank starts with the same negatives. The trainer's DDP
+        # (broadcast_buffers=False) does not sync buffers at construction, and detectron2 seeds
+        # each rank differently.
+        generator = torch.Generator().manual_seed(QUEUE_SEED + seed_index)
+        keys = nn.functional.normalize(torch.randn(size, dim, generator=generator), dim=1)
+        self.register_buffer("keys", keys)  # (K, D)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))  # (K,) image id per key
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.on_read = None  # () -> None, called before a buffer is read (see the class docstring)
+
+    def __getattr__(self, name: str):
+        # Module keeps buffers outside __dict__, so every read of one comes here.
+        if name in _QUEUE_BUFFERS:
+            state = self.__dict__
+            if state.get("_pending"):
+                self.flush()
+            if state.get("on_read") is not None:
+                state["on_read"]()
+        return super().__getattr__(name)
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:
-        """Write keys (N, D), already gathered from all ranks, at the pointer, wrapping around;
-        ids (N,) the image id of each key (None: -1).
-
-        Non-finite keys are never written: a diverging step must not poison the queue.
-        """
-        if keys.numel() == 0 or not torch.isfinite(keys).all():
-            return
+    def push(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Hold keys (N, D), already gathered from all ranks, and ids (N,) (None: -1) for flush()."""
         if ids is None:
             ids = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
         if ids.shape[0] != keys.shape[0]:
             raise ValueError(f"{keys.shape[0]} keys but {ids.shape[0]} ids")
-        keys, ids = keys[-self.size:], ids[-self.size:]  # more keys than slots: the newest win
-        n, p = keys.shape[0], int(self.ptr)
-        idx = (torch.arange(n, device=keys.device) + p) % self.size
-        self.keys[idx] = keys.to(self.keys.dtype)
-        self.ids[idx] = ids.to(self.ids.device, torch.long)
-        self.ptr.fill_((p + n) % self.size)
-        self.num_filled.fill_(min(self.size, int(self.num_filled) + n))
+        if keys.shape[0]:
+            self._pending.append((keys.detach(), ids))
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Write the pending keys at the pointer (see write_keys)."""
+        pending, self._pending = self._pending, []
+        for keys, ids in pending:
+            write_keys(self.keys[None], self.ids[None], self.ptr.view(1), self.num_filled.view(1),
+                       keys[None], ids[None].to(self.ids.device))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Write keys (N, D) and ids (N,) now: push + flush."""
+        self.push(keys, ids)
+        self.flush()
+
+    @property
+    def pending(self) -> int:
+        """Number of pushed batches not written yet."""
+        return len(self._pending)
+
+    def _write_pending(self) -> None:
+        self.flush()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.flush()  # pending keys live on the old device
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self):
         return f"size={self.size}, dim={self.dim}"
@@ -99,13 +213,53 @@ def copy_params(online: nn.Module, target: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+class MomentumUpdate:
+    """target <- m * target + (1 - m) * online for the parameters of (online, target) module pairs;
+    buffers (BN statistics) are copied. Three fused ops (torch._foreach_mul_, _foreach_add_,
+    _foreach_copy_) over all tensors, instead of two ops per parameter and one per buffer; the
+    arithmetic is the per-tensor `p_t.mul_(m).add_(p_o, alpha=1 - m)`, bit for bit.
+
+    The tensor lists are built on the first call and kept; call `reset()` when the modules' tensors
+    are replaced (Module.to / .cuda replace buffers: the models call it from their `_apply`).
+    """
+
+    def __init__(self, pairs):
+        self._pairs = pairs  # () -> [(online module, target module), ...]
+        self._tensors = None
+
+    def reset(self) -> None:
+        self._tensors = None
+
+    def __deepcopy__(self, memo):
+        # A copied model lists its own tensors: copy the module pairs, not the lists.
+        return MomentumUpdate(copy.deepcopy(self._pairs, memo))
+
+    def _lists(self):
+        if self._tensors is None:
+            p_o, p_t, b_o, b_t = [], [], [], []
+            for online, target in self._pairs():
+                p_o += list(online.parameters())
+                p_t += list(target.parameters())
+                b_o += list(online.buffers())
+                b_t += list(target.buffers())
+            if len(p_o) != len(p_t) or len(b_o) != len(b_t):
+                raise ValueError("online and target modules differ in their parameters or buffers")
+            self._tensors = (p_o, p_t, b_o, b_t)
+        return self._tensors
+
+    @torch.no_grad()
+    def __call__(self, m: float) -> None:
+        p_o, p_t, b_o, b_t = self._lists()
+        torch._foreach_mul_(p_t, m)
+        torch._foreach_add_(p_t, p_o, alpha=1.0 - m)
+        if b_t:
+            torch._foreach_copy_(b_t, b_o)
+
+
 @torch.no_grad()
 def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
-    """target <- m * target + (1 - m) * online for parameters; buffers (BN stats) are copied."""
-    for p_o, p_t in zip(online.parameters(), target.parameters()):
-        p_t.mul_(m).add_(p_o.detach(), alpha=1.0 - m)
-    for b_o, b_t in zip(online.buffers(), target.buffers()):
-        b_t.copy_(b_o)
+    """One-off target <- m * target + (1 - m) * online (see MomentumUpdate, which keeps its lists)."""
+    MomentumUpdate(lambda: [(online, target)])(m)
 
 
 def cosine_momentum(base: float, iteration: int, max_iter: int) -> float:
