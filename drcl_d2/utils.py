@@ -1,4 +1,5 @@
-"""Helpers the commands, the converter and the data generator share: atomic writes and tool configs."""
+"""Helpers the commands, the converter and the data generator share: atomic writes, tool configs, LVIS
+frequency groups and the unpadded part of a feature map."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,26 @@ import os
 import tempfile
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["atomic_write", "atomic_write_json", "load_config"]
+__all__ = ["COMMON_MAX_IMAGES", "RARE_MAX_IMAGES", "atomic_write", "atomic_write_json", "frequency_group",
+           "load_config", "unpadded_size"]
+
+# LVIS v1's frequency groups by the number of training images that contain a category:
+# rare <= 10 < common <= 100 < frequent.
+RARE_MAX_IMAGES = 10
+COMMON_MAX_IMAGES = 100
+
+
+def frequency_group(image_count: int) -> str:
+    """"r", "c" or "f": the LVIS frequency group of a category with ``image_count`` training images."""
+    return "r" if image_count <= RARE_MAX_IMAGES else "c" if image_count <= COMMON_MAX_IMAGES else "f"
+
+
+def unpadded_size(height: int, width: int, stride: int) -> tuple:
+    """(rows, cols) of a stride-``stride`` feature map that an image of ``height`` x ``width`` covers
+    inside a padded batch: ceil(height / stride) x ceil(width / stride), as the backbone's stride-2
+    convolutions with "same" padding round up. The cells beyond hold only padding.
+    """
+    return -(-height // stride), -(-width // stride)
 
 
 def _umask() -> int:

@@ -201,14 +201,15 @@ def _build_pair(cfg, weights_path: str, seed: int) -> Tuple[torch.nn.Module, tor
 def _valid_values(maps: torch.Tensor, image_sizes: Sequence[Tuple[int, int]], stride: int) -> torch.Tensor:
     """(N, C, H, W) maps of padded images -> (C, M) float64 values inside the images.
 
-    Image i covers the top-left ceil(h_i / stride) x ceil(w_i / stride) cells of its padded map;
+    Image i covers the top-left :func:`drcl_d2.utils.unpadded_size` cells of its padded map;
     M is the total of those cells over the batch.
     """
+    from drcl_d2.utils import unpadded_size
+
     channels = maps.shape[1]
     parts = []
     for i, (h, w) in enumerate(image_sizes):
-        rows = min(maps.shape[-2], math.ceil(h / stride))
-        cols = min(maps.shape[-1], math.ceil(w / stride))
+        rows, cols = unpadded_size(h, w, stride)
         parts.append(maps[i, :, :rows, :cols].reshape(channels, -1))
     return torch.cat(parts, dim=1).double()
 

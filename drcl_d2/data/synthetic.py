@@ -46,6 +46,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from drcl_d2.utils import COMMON_MAX_IMAGES, atomic_write_json, frequency_group
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -54,7 +56,6 @@ __all__ = [
     "make_longtail_dataset",
     "longtail_image_counts",
     "category_specs",
-    "frequency_label",
     "main",
 ]
 
@@ -76,10 +77,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "table": dict(num_train_images=1500, num_val_images=300, num_categories=40,
                   image_size=(256, 320), max_objects_per_image=6, val_min_images=10),
 }
-
-# LVIS frequency thresholds on the number of training images containing the category.
-RARE_MAX_IMAGES = 10
-COMMON_MAX_IMAGES = 100
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "ellipse", "diamond")
 TEXTURES = ("plain", "striped", "checkered", "dotted")
@@ -134,15 +131,6 @@ def category_specs(num_categories: int) -> List[Dict[str, Any]]:
         specs.append(dict(shape=shape, colour=colour_name, rgb=rgb, texture=texture,
                           name=f"{colour_name}_{texture}_{shape}"))
     return specs
-
-
-def frequency_label(image_count: int) -> str:
-    """LVIS frequency group of a category from its number of training images."""
-    if image_count <= RARE_MAX_IMAGES:
-        return "r"
-    if image_count <= COMMON_MAX_IMAGES:
-        return "c"
-    return "f"
 
 
 def _real_lvis_counts() -> np.ndarray:
@@ -475,14 +463,6 @@ def _params_dict(num_train_images: int, num_val_images: int, num_categories: int
     return params
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    """Write json via a temp file + os.replace so readers never see a half-written file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
-
-
 def _image_file(split: str, image_id: int) -> str:
     return f"{SPLIT_DIRS[split]}/{image_id:012d}.jpg"
 
@@ -570,7 +550,7 @@ def _categories_json(specs: Sequence[Dict[str, Any]], train_anns: Sequence[Dict[
             synonyms=[sp["name"]],
             **{"def": f"{TEXTURE_WORDS[sp['texture']]} {sp['colour']} {sp['shape']} "
                       f"drawn on a cluttered background"},
-            frequency=frequency_label(n_img) if n_img > 0 else "r",
+            frequency=frequency_group(n_img) if n_img > 0 else "r",
             image_count=n_img,
             instance_count=int(inst[i]),
         ))
@@ -702,13 +682,13 @@ def make_longtail_dataset(root: str, *, num_train_images: int = 400, num_val_ima
     licenses = [dict(id=1, name="Synthetic data, no restrictions", url="")]
     for path, images, anns in ((train_json, train_images, train_anns),
                                (val_json, val_images, val_anns)):
-        _write_json_atomic(path, dict(info=info, licenses=licenses, images=images,
-                                      annotations=anns, categories=categories))
+        atomic_write_json(dict(info=info, licenses=licenses, images=images, annotations=anns,
+                               categories=categories), path, separators=(",", ":"))
     _validate(root, train_json, val_json)
 
     summary = _summary(categories)
-    _write_json_atomic(manifest_path, dict(version=DATASET_VERSION, params=params,
-                                           summary=summary))
+    atomic_write_json(dict(version=DATASET_VERSION, params=params, summary=summary), manifest_path,
+                      separators=(",", ":"))
     logger.info("Generated the long-tailed dataset in %s in %.1fs: %d train / %d val images, "
                 "%d categories (r/c/f = %d/%d/%d), %d train / %d val annotations",
                 root, time.perf_counter() - t0, num_train_images, num_val_images,

@@ -34,13 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
-import tempfile
 from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
+
+from drcl_d2.utils import COMMON_MAX_IMAGES, RARE_MAX_IMAGES, atomic_write, frequency_group, load_config, unpadded_size
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,6 @@ __all__ = [
     "main",
 ]
 
-# LVIS frequency groups by number of training images (LVIS v1 paper): rare <= 10 < common <= 100 < frequent.
-RARE_MAX_IMAGES = 10
-COMMON_MAX_IMAGES = 100
 GROUPS = ("r", "c", "f")
 GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 GROUP_COLORS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
@@ -87,26 +84,10 @@ def _new_figure(width: float, height: float):
 def _save_png(fig, output: str, dpi: int = 100) -> str:
     """Write `fig` as PNG to `output` atomically: a reader never sees a half-written file."""
     output = os.fspath(output)
-    directory = os.path.dirname(os.path.abspath(output))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)  # no clipped labels
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(output, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight",
+                                               pad_inches=0.1))  # no clipped labels
     logger.info(f"Wrote {output}")
     return output
-
-
-def frequency_group(image_count: int) -> str:
-    """LVIS frequency group ('r', 'c', 'f') of a category from its number of training images."""
-    if image_count <= RARE_MAX_IMAGES:
-        return "r"
-    return "c" if image_count <= COMMON_MAX_IMAGES else "f"
 
 
 def parse_labeled_path(spec: str, what: str = "--run") -> tuple[str, str]:
@@ -427,25 +408,8 @@ def plot_ap_groups(runs, output: str, metrics: Sequence[str] = AP_METRICS) -> Pl
 # models, weights and images (attention, predictions)
 # ---------------------------------------------------------------------------------------------
 def _build_cfg(config: str, opts: Sequence[str] = ()):
-    """detectron2 config + drcl_d2 keys + overrides, on CPU, MODEL.WEIGHTS cleared (loaded later)."""
-    from detectron2.config import get_cfg
-
-    from .. import add_drcl_config
-
-    if not os.path.isfile(config):
-        raise FileNotFoundError(f"config file not found: {config}")
-    cfg = add_drcl_config(get_cfg())
-    try:
-        cfg.merge_from_file(config)
-    except Exception as e:  # yaml syntax, unknown key, bad _BASE_: all surface here
-        raise ValueError(f"cannot read config {config}: {type(e).__name__}: {e}") from e
-    opts = list(opts or [])
-    if opts:
-        try:
-            cfg.merge_from_list(opts)
-        except Exception as e:
-            raise ValueError(f"bad config overrides {opts}: {type(e).__name__}: {e}") from e
-    cfg.MODEL.DEVICE = "cpu"
+    """The config on CPU, MODEL.WEIGHTS cleared (each figure loads its own weights)."""
+    cfg = load_config(config, opts, device="cpu")
     cfg.MODEL.WEIGHTS = ""
     return cfg
 
@@ -631,8 +595,8 @@ def feature_magnitude_maps(model, cfg, image_tensor, out_size: tuple[int, int], 
     h, w = images.image_sizes[0]
     maps = {}
     for lvl in levels:
-        stride = shapes[lvl].stride
-        f = feats[lvl][0, :, : math.ceil(h / stride), : math.ceil(w / stride)].float()
+        rows, cols = unpadded_size(h, w, shapes[lvl].stride)
+        f = feats[lvl][0, :, :rows, :cols].float()
         if reduction == "l2":
             m = f.norm(dim=0)
         elif reduction == "mean_abs":
