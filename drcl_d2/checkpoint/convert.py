@@ -195,9 +195,7 @@ def _verify(report: ConversionReport, path: str, arrays: Dict[str, np.ndarray], 
     A written name lands where detectron2's suffix matching puts it: the model key it is the longest
     dotted suffix of. fvcore's incompatible keys say what did not load.
     """
-    from drcl_d2.engine.checkpoint import AtomicDetectionCheckpointer
-
-    from .scale import quiet_checkpoint_logs
+    from drcl_d2.engine.checkpoint import AtomicDetectionCheckpointer, quiet_checkpoint_logs
 
     checkpointer = AtomicDetectionCheckpointer(model, save_to_disk=False)
     try:

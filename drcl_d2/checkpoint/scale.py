@@ -23,7 +23,6 @@ text table ``drcl-convert --target-config`` prints.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -43,7 +42,6 @@ __all__ = [
     "check_transfer_scale",
     "format_scale_table",
     "measure_transfer_scale",
-    "quiet_checkpoint_logs",
     "report_transfer_scale",
 ]
 
@@ -68,20 +66,6 @@ class DatasetUnavailableError(TransferScaleError):
     def __init__(self, dataset_name: str, message: str):
         super().__init__(f"dataset {dataset_name!r}: {message}")
         self.dataset_name = dataset_name
-
-
-@contextlib.contextmanager
-def quiet_checkpoint_logs():
-    """Silence fvcore's and detectron2's load messages: the conversion report says what loads where, once."""
-    loggers = [logging.getLogger(n) for n in ("fvcore.common.checkpoint", "detectron2.checkpoint")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +163,8 @@ def _build_pair(cfg, weights_path: str, seed: int) -> Tuple[torch.nn.Module, tor
     """(fresh, converted): one initialisation from ``seed``; the copy gets ``weights_path`` loaded."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
+
+    from drcl_d2.engine.checkpoint import quiet_checkpoint_logs
 
 
     with torch.random.fork_rng(devices=[]):

@@ -1,6 +1,8 @@
 """Checkpoints that a crash cannot corrupt, and loads that say how much of the model they set."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,7 +13,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from drcl_d2.utils import atomic_write
 
 __all__ = ["AtomicDetectionCheckpointer", "LoadSummary", "atomic_torch_save", "atomic_write_text",
-           "require_backbone_loaded", "MIN_BACKBONE_FRACTION"]
+           "quiet_checkpoint_logs", "require_backbone_loaded", "MIN_BACKBONE_FRACTION"]
 
 # MODEL.WEIGHTS must initialise at least this fraction of the backbone's weights (by element count)
 # unless MODEL.ALLOW_PARTIAL_WEIGHTS: an ImageNet R-50 sets 88% of an R50-FPN backbone (all but the
@@ -20,6 +22,21 @@ MIN_BACKBONE_FRACTION = 0.5
 
 # What drcl_d2.utils.atomic_write leaves behind when the process dies mid-write: ".<target>.<mkstemp id>.tmp".
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+@contextlib.contextmanager
+def quiet_checkpoint_logs():
+    """Silence fvcore's and detectron2's load messages: for a caller that reports
+    what a load set in its own words (drcl-convert, the figures)."""
+    loggers = [logging.getLogger(n) for n in ("fvcore.common.checkpoint", "detectron2.checkpoint")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def atomic_torch_save(obj, path: str) -> None:
