@@ -41,8 +41,7 @@ from drcl_d2.utils import COMMON_MAX_IMAGES, RARE_MAX_IMAGES, atomic_write, freq
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PlotResult", "plot_longtail", "plot_drb_schedule", "plot_ap_groups", "parse_labeled_path",
-           "read_final_metrics", "main"]
+__all__ = ["PlotResult", "plot_longtail", "plot_drb_schedule", "plot_ap_groups", "read_final_metrics", "main"]
 
 GROUPS = ("r", "c", "f")
 GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
@@ -73,32 +72,27 @@ def save_png(fig, output: str, data: dict) -> PlotResult:
     return PlotResult(output, data)
 
 
-def parse_labeled_path(spec: str, what: str = "--run") -> tuple[str, str]:
-    """'LABEL=PATH' -> (LABEL, PATH); a bare PATH is labelled by its file or folder name."""
-    if "=" in spec and not os.path.exists(spec):
-        label, path = spec.split("=", 1)
-        if not label or not path:
-            raise ValueError(f"{what} {spec!r}: expected LABEL=PATH")
-        return label, path
-    if not spec:
-        raise ValueError(f"{what}: empty path")
-    name = os.path.basename(os.path.normpath(spec))
-    if name == "metrics.json":  # a run's metrics file: the run folder names it better
-        name = os.path.basename(os.path.dirname(os.path.abspath(spec)))
-    return os.path.splitext(name)[0] or spec, spec
-
-
 def labeled_paths(items, what: str) -> list[tuple[str, str]]:
-    """A path, a mapping, (label, path) pairs or 'LABEL=PATH' strings -> distinct (label, path) pairs."""
+    """A path, {label: path}, (label, path) pairs or 'LABEL=PATH' strings -> distinct (label, path) pairs;
+    a bare path is labelled by its file or folder name (a run folder for its metrics.json)."""
+
+    def parse(spec: str) -> tuple[str, str]:
+        if "=" in spec and not os.path.exists(spec):
+            label, path = spec.split("=", 1)
+            if not label or not path:
+                raise ValueError(f"{what} {spec!r}: expected LABEL=PATH")
+            return label, path
+        name = os.path.basename(os.path.normpath(spec))
+        if name == "metrics.json":
+            name = os.path.basename(os.path.dirname(os.path.abspath(spec)))
+        return os.path.splitext(name)[0] or spec, spec
+
     if isinstance(items, (str, os.PathLike)):
         items = [os.fspath(items)]
-    pairs = list(items.items()) if isinstance(items, Mapping) else [
-        parse_labeled_path(i, what) if isinstance(i, str) else tuple(i) for i in items]
-    if not pairs:
-        raise ValueError(f"{what}: give at least one LABEL=PATH")
+    pairs = list(items.items()) if isinstance(items, Mapping) else [parse(i) if isinstance(i, str) else tuple(i) for i in items]
     labels = [label for label, _ in pairs]
-    if len(set(labels)) < len(labels):
-        raise ValueError(f"{what}: labels must be distinct, repeated: {sorted({x for x in labels if labels.count(x) > 1})}")
+    if not pairs or len(set(labels)) < len(labels):
+        raise ValueError(f"{what}: give LABEL=PATH at least once, with distinct labels (got {labels})")
     return [(str(label), os.fspath(path)) for label, path in pairs]
 
 

@@ -82,31 +82,32 @@ def load_weights(model, path: str, label: str, backbone_prefix: str | None = Non
             raise ValueError(f"weights {label!r} ({path}): no backbone tensor matches the model built from the config "
                              f"(model names start with {backbone_prefix!r}; the checkpoint's unexpected keys: "
                              f"{len(inc.unexpected_keys)}). Convert it with drcl-convert or use the config it was trained with.")
-    logger.info(f"{label}: {path}: {source}; {len(loaded)}/{len(keys)} model tensors loaded"
-                + (f" (backbone {report['backbone_loaded']}/{report['backbone_total']})" if backbone_prefix else "")
-                + f", {len(inc.unexpected_keys)} checkpoint keys unused")
+    logger.info(f"{label}: {path}: {source}; {len(loaded)}/{len(keys)} model tensors loaded, "
+                f"{len(inc.unexpected_keys)} checkpoint keys unused")
     return report
 
 
-def _image_paths(images=None, dataset_json: str | None = None, image_root: str | None = None,
-                 num_images: int = 2) -> list[str]:
-    """The images to draw: explicit files, or the first ``num_images`` (by id) of an LVIS json."""
-    from ..data.datasets import image_path, read_json_file
+def _dataset(dataset_json: str | None, image_root: str | None) -> str | None:
+    """``dataset_json`` registered as an LVIS-format dataset (nothing is read yet), by name."""
+    from ..data.datasets import register_lvis_format
 
-    if images and dataset_json:
-        raise ValueError("give either --images or --dataset-json, not both")
-    if images:
-        paths = [os.fspath(p) for p in images]
-    elif dataset_json:
-        if num_images <= 0:
-            raise ValueError(f"--num-images must be > 0, got {num_images}")
-        data = read_json_file(dataset_json)
-        if not isinstance(data, dict) or not data.get("images"):
-            raise ValueError(f"{dataset_json}: no 'images' to draw")
-        root = image_root if image_root is not None else os.path.dirname(os.path.abspath(dataset_json))
-        paths = [image_path(root, img) for img in sorted(data["images"], key=lambda i: i.get("id", 0))[:num_images]]
-    else:
-        raise ValueError("no images: give --images PATH ... or --dataset-json J --image-root R")
+    if not dataset_json:
+        return None
+    root = image_root if image_root is not None else os.path.dirname(os.path.abspath(dataset_json))
+    name = f"drcl_plots:{os.path.abspath(dataset_json)}:{os.path.abspath(root)}"
+    register_lvis_format(name, dataset_json, root, check_files=False)
+    return name
+
+
+def _image_paths(images, dataset: str | None, num_images: int) -> list[str]:
+    """The images to draw: explicit files, or the first ``num_images`` of a registered dataset."""
+    from detectron2.data import DatasetCatalog
+
+    if bool(images) == bool(dataset):
+        raise ValueError("give either --images PATH ... or --dataset-json J [--image-root R]")
+    if dataset and num_images <= 0:
+        raise ValueError(f"--num-images must be > 0, got {num_images}")
+    paths = [os.fspath(p) for p in images] if images else [d["file_name"] for d in DatasetCatalog.get(dataset)[:num_images]]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:5])}"
@@ -184,7 +185,7 @@ def plot_attention(config: str, weights, output: str, *, images=None, dataset_js
     (label, path) pairs or 'LABEL=PATH' strings. data["maps"][label][level]: per-image (H, W) maps.
     """
     pairs = labeled_paths(weights, "--weights")
-    paths = _image_paths(images, dataset_json, image_root, num_images)
+    paths = _image_paths(images, _dataset(dataset_json, image_root), num_images)
     shown = [_read_bgr(p) for p in paths]
     maps, reports, chosen = {}, {}, None
     for label, wpath in pairs:
@@ -226,19 +227,14 @@ def plot_attention(config: str, weights, output: str, *, images=None, dataset_js
                                   "reduction": reduction, "maps": maps, "weights": reports})
 
 
-def _class_names(cfg, dataset_json: str | None, image_root: str | None) -> tuple[list[str], str]:
-    """Class names from MetadataCatalog: of ``dataset_json`` (registered here as an LVIS-format dataset),
-    else of the config's test sets; "class i" when none has MODEL.ROI_HEADS.NUM_CLASSES of them."""
+def _class_names(cfg, dataset: str | None) -> tuple[list[str], str]:
+    """Class names from MetadataCatalog: of ``dataset``, else of the config's test sets; "class i" when
+    none has MODEL.ROI_HEADS.NUM_CLASSES of them."""
     from detectron2.data import MetadataCatalog
 
-    from ..data.datasets import ensure_dataset_metadata, register_lvis_format
+    from ..data.datasets import ensure_dataset_metadata
 
-    names = list(cfg.DATASETS.TEST)
-    if dataset_json:
-        root = image_root if image_root is not None else os.path.dirname(os.path.abspath(dataset_json))
-        names.insert(0, f"drcl_plots:{os.path.abspath(dataset_json)}:{os.path.abspath(root)}")
-        register_lvis_format(names[0], dataset_json, root, check_files=False)
-    for name in names:
+    for name in ([dataset] if dataset else []) + list(cfg.DATASETS.TEST):
         try:
             ensure_dataset_metadata(name)
         except (OSError, ValueError, KeyError) as e:
@@ -265,7 +261,8 @@ def plot_predictions(config: str, weights, output: str, *, images=None, dataset_
     opts = list(opts) + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(score_thresh),
                          "MODEL.RETINANET.SCORE_THRESH_TEST", str(score_thresh)]
     pairs = labeled_paths(weights, "--weights")
-    paths = _image_paths(images, dataset_json, image_root, num_images)
+    dataset = _dataset(dataset_json, image_root)
+    paths = _image_paths(images, dataset, num_images)
     instances, drawn, reports, names = {}, {}, {}, None
     for label, wpath in pairs:
         predictor = _predictor(config, opts)
@@ -273,7 +270,7 @@ def plot_predictions(config: str, weights, output: str, *, images=None, dataset_
             raise ValueError(f"{config}: META_ARCHITECTURE {predictor.cfg.MODEL.META_ARCHITECTURE} is a pretraining "
                              "model; predictions need a detector config (e.g. GeneralizedRCNN)")
         if names is None:
-            names, names_source = _class_names(predictor.cfg, dataset_json, image_root)
+            names, names_source = _class_names(predictor.cfg, dataset)
             metadata = Metadata(name="drcl_plots").set(thing_classes=names)
         report = reports[label] = load_weights(predictor.model, wpath, label)
         if report["incorrect_shapes"]:
