@@ -76,13 +76,15 @@ def atomic_write_json(obj: Any, path: str, **dump_kwargs) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, **dump_kwargs) + "\n").encode()))
 
 
-def load_config(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None):
+def load_config(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None,
+                register_datasets: bool = False):
     """The config of a command: get_cfg + drcl_d2's keys + ``config_file`` + ``opts`` (KEY VALUE ...).
 
     ``config_file`` is a path or a detectron2 model-zoo name (``COCO-Detection/faster_rcnn_R_50_C4_1x.yaml``).
     ``device`` sets MODEL.DEVICE; without it a CUDA device falls back to the CPU when none is present.
-    The config's DATASETS.LVIS_CUSTOM datasets are registered (nothing is read). Errors are ValueErrors
-    naming the file; the config is returned unfrozen.
+    ``register_datasets``: register the config's DATASETS.LVIS_CUSTOM datasets (nothing is read); off
+    by default, since a process may already hold other files under those names (the demo's, a
+    test's). Errors are ValueErrors naming the file; the config is returned unfrozen.
     """
     import torch
     from detectron2.config import get_cfg
@@ -108,5 +110,6 @@ def load_config(config_file: str, opts: Sequence[str] = (), device: Optional[str
         cfg.MODEL.DEVICE = device
     elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
-    register_datasets_from_config(cfg)
+    if register_datasets:
+        register_datasets_from_config(cfg)
     return cfg

@@ -78,7 +78,7 @@ def cli_opts(tiny_dataset):
 
 @pytest.fixture(scope="module")
 def cfg(cli_opts):
-    return load_config(CONFIG, cli_opts)
+    return load_config(CONFIG, cli_opts, register_datasets=True)
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     setup_logger(name="drcl_d2")
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts, register_datasets=True)
     if args.dataset not in DatasetCatalog.list():
         raise ValueError(f"dataset {args.dataset!r} is not registered (DATASETS.LVIS_CUSTOM names it?)")
     num_images = len(DatasetCatalog.get(args.dataset))

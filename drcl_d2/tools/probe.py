@@ -495,7 +495,7 @@ def main(argv=None) -> dict:
     setup_logger(name="drcl_d2")
     try:
         _check_weights(args.weights)
-        cfg = load_config(args.config_file, args.opts)
+        cfg = load_config(args.config_file, args.opts, register_datasets=True)
         result = run_probe(cfg, args.weights, args.train_dataset, args.test_dataset, args.max_train_images,
                            args.max_test_images, args.k, temperature=args.temperature,
                            batch_size=args.batch_size, seed=args.seed)
