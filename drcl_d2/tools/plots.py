@@ -3,28 +3,20 @@
     python -m drcl_d2.tools.plots longtail TRAIN_JSON [--image-root R] [--repeat-thresh 0.1] --output longtail.png
     python -m drcl_d2.tools.plots drb-schedule RUN_DIR_OR_METRICS_JSON --output drb.png
     python -m drcl_d2.tools.plots ap-groups --run RFS=output/rfs --run DRB=output/drb --output ap.png
-    python -m drcl_d2.tools.plots attention --config CFG.yaml --weights init=a.pth --weights 2DRCL=b.pkl \
+    python -m drcl_d2.tools.plots attention --config CFG.yaml --weights init=a.pth --weights 2DRCL=b.pkl \\
         (--images IMG [IMG ...] | --dataset-json J --image-root R --num-images N) --output attn.png [--opts K V ...]
-    python -m drcl_d2.tools.plots predictions --config CFG.yaml --weights model_final.pth \
+    python -m drcl_d2.tools.plots predictions --config CFG.yaml --weights model_final.pth \\
         (--images ... | --dataset-json ...) [--score-thresh 0.3] --output pred.png [--opts K V ...]
 
-From json files (this module):
+This module draws from json files: ``longtail`` (training images per category by LVIS frequency
+group, and the Dynamic Rebalancing factors r_c at several α_d; α_d = 0 is detectron2's RFS),
+``drb-schedule`` (the ``drb/*`` scalars of a DRB run's metrics.json) and ``ap-groups`` (the last
+AP / APr / APc / APf of several runs; LVIS's -100 for a group without detections is a hatched 0
+marked "x"). ``attention`` and ``predictions`` run models (:mod:`drcl_d2.tools.visualize`).
 
-* ``longtail``: training images per category, sorted, log scale, coloured by LVIS frequency group
-  (the json's ``frequency`` when present, else computed from the counts), and the Dynamic
-  Rebalancing repeat factors r_c at α_d = 0, 0.5, 1 (α_d = 0 is detectron2's RFS).
-* ``drb-schedule``: α_d and the epoch length Σ r_I (and mean r_I) over the iterations, from the
-  ``drb/*`` scalars a DynamicRepeatFactorTrainingSampler run logs to metrics.json.
-* ``ap-groups``: AP, APr, APc, APf of several runs side by side (bbox and segm panels), from the
-  last evaluation in each metrics.json. LVIS reports -100 for a group without detections; it is
-  drawn as a hatched 0 bar marked "x".
-
-From models (:mod:`drcl_d2.tools.visualize`): ``attention`` (feature-magnitude maps per FPN level
-or ResNet stage) and ``predictions`` (detectron2's Visualizer).
-
-Every function writes its PNG atomically and returns a :class:`PlotResult` ``(path, data)``:
-``data`` holds the numbers that were plotted. Missing or malformed inputs raise FileNotFoundError /
-ValueError naming the file (and line or key); the command prints that message and exits with status 2.
+Every function writes its PNG atomically and returns a :class:`PlotResult` ``(path, data)`` with the
+numbers plotted. Missing or malformed inputs raise FileNotFoundError / ValueError naming the file
+(and line or key); the command prints that message and exits with status 2.
 """
 from __future__ import annotations
 

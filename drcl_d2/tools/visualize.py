@@ -1,14 +1,10 @@
-"""Figures of what a model computes: feature-magnitude ("attention") maps and predictions.
+"""Figures of what a model computes (``python -m drcl_d2.tools.plots {attention,predictions}``).
 
 Both build the config's model with detectron2's DefaultPredictor (its test-time resize and input
-format), load each checkpoint with DetectionCheckpointer and report what it set; predictions are
-drawn by detectron2's Visualizer with the class names of MetadataCatalog. The command line is
-``python -m drcl_d2.tools.plots {attention,predictions}``.
-
-* ``attention``: per location the L2 norm (or mean |x|) over channels of each FPN level p2-p5 or
-  ResNet stage res2-res5, on the image's unpadded cells, min-max normalised per map and upsampled
-  onto the image; one or more checkpoints on the same images. Only the backbone runs.
-* ``predictions``: boxes and masks of a fine-tuned detector with score >= a threshold.
+format) and load each checkpoint with DetectionCheckpointer, reporting what it set. ``attention``:
+per FPN level or ResNet stage, the feature magnitude over channels on the image's unpadded cells,
+min-max normalised and upsampled onto the image (only the backbone runs). ``predictions``: boxes
+and masks above a score, drawn by detectron2's Visualizer with MetadataCatalog's class names.
 """
 from __future__ import annotations
 
@@ -150,16 +146,12 @@ def feature_magnitude_maps(predictor, bgr: np.ndarray, levels: Sequence[str], re
 
     if reduction not in ("l2", "mean_abs"):
         raise ValueError(f"reduction must be 'l2' or 'mean_abs', got {reduction!r}")
-    model, cfg = predictor.model, predictor.cfg
+    model = predictor.model  # every meta-architecture here holds pixel_mean / pixel_std buffers
     backbone, _ = _feature_backbone(model)
     image = bgr[:, :, ::-1] if predictor.input_format == "RGB" else bgr
     image = predictor.aug.get_transform(image).apply_image(image)
     x = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
-    mean = getattr(model, "pixel_mean", None)
-    std = getattr(model, "pixel_std", None)
-    mean = mean if mean is not None else torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1)
-    std = std if std is not None else torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1)
-    images = ImageList.from_tensors([(x - mean) / std], backbone.size_divisibility,
+    images = ImageList.from_tensors([(x - model.pixel_mean) / model.pixel_std], backbone.size_divisibility,
                                     padding_constraints=getattr(backbone, "padding_constraints", None))
     with torch.no_grad():
         feats = backbone(images.tensor)
