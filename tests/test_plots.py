@@ -20,7 +20,8 @@ from detectron2.data.samplers import RepeatFactorTrainingSampler
 from PIL import Image
 
 from drcl_d2.data.datasets import load_lvis_format_json
-from drcl_d2.tools import plots
+from drcl_d2.tools import demo, plots, visualize
+from drcl_d2.utils import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "embedded", "mask_rcnn_R_18_FPN_drb.yaml")
@@ -48,7 +49,7 @@ def tiny_checkpoints(tmp_path_factory):
     """Two freshly initialised R-18-FPN Mask R-CNNs (different seeds), saved as detectron2 .pth."""
     from detectron2.modeling import build_model
 
-    cfg = plots._build_cfg(CONFIG, OPTS)
+    cfg = load_config(CONFIG, OPTS, device="cpu")
     folder = tmp_path_factory.mktemp("plot_ckpts")
     paths = []
     for seed in (0, 1):
@@ -196,7 +197,7 @@ def test_ap_groups_names_file_and_line_of_bad_input(tmp_path):
 # ---- attention ------------------------------------------------------------------------------
 def test_attention_maps_match_backbone_features(tiny_dataset, tiny_checkpoints, tmp_path):
     ck = tiny_checkpoints
-    res = plots.plot_attention(CONFIG, {"seed0": ck["seed0"], "seed1": ck["seed1"]}, str(tmp_path / "att.png"),
+    res = visualize.plot_attention(CONFIG, {"seed0": ck["seed0"], "seed1": ck["seed1"]}, str(tmp_path / "att.png"),
                                dataset_json=tiny_dataset["val_json"], image_root=tiny_dataset["image_root"],
                                num_images=2, opts=OPTS)
     assert _png_size(res.path)[0] > 500
@@ -237,7 +238,7 @@ def test_attention_reports_pretraining_checkpoint_and_rejects_unrelated_weights(
     pre = str(tmp_path / "pretrain.pth")
     torch.save(raw, pre)
     img = os.path.join(tiny_dataset["image_root"], json.load(open(tiny_dataset["val_json"]))["images"][0]["file_name"])
-    res = plots.plot_attention(CONFIG, [f"2DRCL={pre}"], str(tmp_path / "att.png"), images=[img],
+    res = visualize.plot_attention(CONFIG, [f"2DRCL={pre}"], str(tmp_path / "att.png"), images=[img],
                                levels=["p5"], opts=OPTS, reduction="mean_abs")
     rep = res.data["weights"]["2DRCL"]
     assert "drcl" in rep["source"] and rep["unexpected"] == 1
@@ -249,10 +250,10 @@ def test_attention_reports_pretraining_checkpoint_and_rejects_unrelated_weights(
 
     detco_cfg = os.path.join(ROOT, "configs", "embedded", "detco_R_18_embedded.yaml")
     torch.manual_seed(0)
-    detco = build_model(plots._build_cfg(detco_cfg, ["INPUT.MIN_SIZE_TEST", "128"]))
+    detco = build_model(load_config(detco_cfg, ["INPUT.MIN_SIZE_TEST", "128"], device="cpu"))
     detco_path = str(tmp_path / "detco.pth")
     torch.save({"model": detco.state_dict(), "drcl_d2": detco.checkpoint_meta()}, detco_path)
-    res = plots.plot_attention(detco_cfg, {"DetCo": detco_path}, str(tmp_path / "detco.png"), images=[img],
+    res = visualize.plot_attention(detco_cfg, {"DetCo": detco_path}, str(tmp_path / "detco.png"), images=[img],
                                opts=["INPUT.MIN_SIZE_TEST", "128"])
     assert res.data["levels"] == ["res2", "res3", "res4", "res5"]
     rep = res.data["weights"]["DetCo"]
@@ -262,9 +263,9 @@ def test_attention_reports_pretraining_checkpoint_and_rejects_unrelated_weights(
     junk = str(tmp_path / "junk.pth")
     torch.save({"model": {"head.weight": torch.zeros(2, 2)}}, junk)
     with pytest.raises(ValueError, match=re.escape(junk) + ".*no backbone tensor"):
-        plots.plot_attention(CONFIG, {"junk": junk}, str(tmp_path / "bad.png"), images=[img], opts=OPTS)
+        visualize.plot_attention(CONFIG, {"junk": junk}, str(tmp_path / "bad.png"), images=[img], opts=OPTS)
     with pytest.raises(ValueError, match="not outputs of the backbone"):
-        plots.plot_attention(CONFIG, {"a": ck["seed0"]}, str(tmp_path / "bad.png"), images=[img],
+        visualize.plot_attention(CONFIG, {"a": ck["seed0"]}, str(tmp_path / "bad.png"), images=[img],
                              levels=["res9"], opts=OPTS)
     assert not (tmp_path / "bad.png").exists()
 
@@ -272,7 +273,7 @@ def test_attention_reports_pretraining_checkpoint_and_rejects_unrelated_weights(
 # ---- predictions ----------------------------------------------------------------------------
 def test_predictions_draw_thresholded_instances(tiny_dataset, tiny_checkpoints, tmp_path):
     thresh = 0.05  # an untrained 12-class head scores about 1/13: some instances pass
-    res = plots.plot_predictions(CONFIG, tiny_checkpoints["seed0"], str(tmp_path / "pred.png"),
+    res = visualize.plot_predictions(CONFIG, tiny_checkpoints["seed0"], str(tmp_path / "pred.png"),
                                  dataset_json=tiny_dataset["val_json"], image_root=tiny_dataset["image_root"],
                                  num_images=2, score_thresh=thresh,
                                  opts=OPTS + ["TEST.DETECTIONS_PER_IMAGE", "10"])  # fewer masks to draw
@@ -295,7 +296,7 @@ def test_predictions_draw_thresholded_instances(tiny_dataset, tiny_checkpoints, 
     headless = str(tmp_path / "headless.pth")
     torch.save({"model": sd}, headless)
     with pytest.raises(ValueError, match="no trained box predictor"):
-        plots.plot_predictions(CONFIG, headless, str(tmp_path / "bad.png"), images=data["images"][:1], opts=OPTS)
+        visualize.plot_predictions(CONFIG, headless, str(tmp_path / "bad.png"), images=data["images"][:1], opts=OPTS)
 
 
 # ---- command line and the demo's entry point ------------------------------------------------
@@ -328,7 +329,7 @@ def test_make_demo_figures_writes_what_its_inputs_allow(tiny_dataset, tiny_check
     ])
     shutil.copy(tiny_checkpoints["seed0"], finetune / "model_final.pth")
     out_dir = tmp_path / "figures"
-    written = plots.make_demo_figures(
+    written = demo.make_demo_figures(
         tiny_dataset["train_json"], tiny_dataset["image_root"], str(finetune), str(out_dir), CONFIG,
         {"seed0": tiny_checkpoints["seed0"], "absent": str(tmp_path / "absent.pth")},
         pretrain_dir=str(tmp_path / "no_pretrain"), val_json=tiny_dataset["val_json"], opts=OPTS, num_images=1)

@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog
 
 from drcl_d2.data.datasets import load_lvis_format_json
 from drcl_d2.tools import probe
-from drcl_d2.tools.make_proposals import setup_cfg
+from drcl_d2.utils import load_config
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "embedded", "mask_rcnn_R_18_FPN_drb.yaml")
@@ -78,7 +78,7 @@ def cli_opts(tiny_dataset):
 
 @pytest.fixture(scope="module")
 def cfg(cli_opts):
-    return setup_cfg(CONFIG, cli_opts)
+    return load_config(CONFIG, cli_opts, register_datasets=True)
 
 
 @pytest.fixture(scope="module")

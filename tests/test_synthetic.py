@@ -14,11 +14,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from drcl_d2.data import synthetic
+from drcl_d2.utils import frequency_group
 from drcl_d2.data.synthetic import (
     COLOURS,
     PRESETS,
     category_specs,
-    frequency_label,
     longtail_image_counts,
     make_longtail_dataset,
 )
@@ -144,7 +144,7 @@ def test_frequency_labels_match_actual_train_counts(tiny):
         assert cat["image_count"] == n
         assert cat["instance_count"] == instances[cat["id"]] >= n
         expected = "r" if n <= 10 else ("c" if n <= 100 else "f")
-        assert cat["frequency"] == expected == frequency_label(n)
+        assert cat["frequency"] == expected == frequency_group(n)
 
 
 def test_tiny_has_all_three_bands_and_val_covers_every_category(tiny):
@@ -162,7 +162,7 @@ def test_longtail_counts_shape():
         counts = longtail_image_counts(p["num_categories"], p["num_train_images"])
         assert len(counts) == p["num_categories"]
         assert np.all(np.diff(counts) >= 0) and counts.min() == 1
-        labels = [frequency_label(int(c)) for c in counts]
+        labels = [frequency_group(int(c)) for c in counts]
         assert all(labels.count(b) >= 1 for b in "rcf"), (preset, counts)
         assert labels.count("r") >= 2
     # Demo size: the largest category is in about half the images (LVIS shape scaled down).

@@ -24,7 +24,9 @@ text table ``drcl-convert --target-config`` prints.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import os
 import random
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -40,6 +42,7 @@ __all__ = [
     "check_transfer_scale",
     "format_scale_table",
     "measure_transfer_scale",
+    "report_transfer_scale",
 ]
 
 # Goal ranges of check_transfer_scale.
@@ -161,7 +164,8 @@ def _build_pair(cfg, weights_path: str, seed: int) -> Tuple[torch.nn.Module, tor
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from .convert import _quiet_loggers
+    from drcl_d2.engine.checkpoint import quiet_checkpoint_logs
+
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -175,7 +179,7 @@ def _build_pair(cfg, weights_path: str, seed: int) -> Tuple[torch.nn.Module, tor
             "a backbone, RoI heads and preprocess_image: only Faster / Mask R-CNN are measured"
         )
     converted = copy.deepcopy(fresh)  # the same values as a second build from the same seed
-    with _quiet_loggers():  # the conversion report already lists what loads where
+    with quiet_checkpoint_logs():  # the conversion report already lists what loads where
         DetectionCheckpointer(converted, save_to_disk=False).load(weights_path)
     return fresh, converted
 
@@ -183,14 +187,15 @@ def _build_pair(cfg, weights_path: str, seed: int) -> Tuple[torch.nn.Module, tor
 def _valid_values(maps: torch.Tensor, image_sizes: Sequence[Tuple[int, int]], stride: int) -> torch.Tensor:
     """(N, C, H, W) maps of padded images -> (C, M) float64 values inside the images.
 
-    Image i covers the top-left ceil(h_i / stride) x ceil(w_i / stride) cells of its padded map;
+    Image i covers the top-left :func:`drcl_d2.utils.unpadded_size` cells of its padded map;
     M is the total of those cells over the batch.
     """
+    from drcl_d2.utils import unpadded_size
+
     channels = maps.shape[1]
     parts = []
     for i, (h, w) in enumerate(image_sizes):
-        rows = min(maps.shape[-2], math.ceil(h / stride))
-        cols = min(maps.shape[-1], math.ceil(w / stride))
+        rows, cols = unpadded_size(h, w, stride)
         parts.append(maps[i, :, :rows, :cols].reshape(channels, -1))
     return torch.cat(parts, dim=1).double()
 
@@ -433,3 +438,55 @@ def format_scale_table(result: Mapping[str, Any]) -> str:
                      tablefmt="simple", disable_numparse=True,
                      colalign=("left", "right", "right", "right", "left"))
     return title + "\n" + table
+
+
+def report_transfer_scale(cfg, weights_path: str, dataset_name: Optional[str], num_images: int) -> Optional[Dict[str, Any]]:
+    """Measure, print and save (``<weights_path>.scale.json``) the transfer scale of converted weights.
+
+    When it cannot be measured it prints why, removes an outdated json and returns None: the
+    conversion stands. Warnings go to the log and to stdout, never to an exit status.
+    """
+    from drcl_d2.utils import atomic_write_json
+
+    logger = logging.getLogger(__name__)
+    json_path = weights_path + ".scale.json"
+    try:
+        result = measure_transfer_scale(cfg, weights_path, dataset_name=dataset_name, num_images=num_images)
+    except Exception as e:  # noqa: BLE001 - the weights are written and verified: report, don't fail
+        if isinstance(e, DatasetUnavailableError):
+            reason = (f"{e}. Give --scale-dataset NAME (a registered dataset or a DATASETS.LVIS_CUSTOM entry "
+                      "of the config, e.g. through --opts) or --scale-images 0")
+        elif isinstance(e, TransferScaleError):
+            reason = str(e)
+        else:
+            logger.exception("transfer-scale measurement failed")
+            reason = f"the measurement failed: {type(e).__name__}: {e}"
+        print(f"\ntransfer scale: not measured: {reason}")
+        if os.path.exists(json_path):  # it described the previous weights
+            os.unlink(json_path)
+            print(f"transfer scale: removed the outdated {json_path}")
+        return None
+    result["goals"] = {"fpn_std_ratio_range": list(FPN_STD_RATIO_RANGE), "fc7_norm_ratio_max": FC7_NORM_RATIO_MAX,
+                       "max_abs_cls_logit_below": MAX_ABS_CLS_LOGIT}
+    result["warnings"] = check_transfer_scale(result)
+    print("\n" + format_scale_table(result))
+    for w in result["warnings"]:
+        logger.warning("transfer scale: %s", w)
+        print(f"WARNING: {w}")
+    try:  # strict JSON: NaN / inf become null (the warnings name them)
+        atomic_write_json(_json_safe(result), json_path, indent=2, allow_nan=False)
+    except OSError as e:
+        print(f"transfer scale: could not write {json_path}: {e}")
+    else:
+        print(f"wrote {json_path}")
+    return result
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

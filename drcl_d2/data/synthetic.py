@@ -1,34 +1,22 @@
 """Embedded long-tailed dataset: a seeded generator of a small LVIS-v1-format detection dataset.
 
-The real LVIS v1 needs ~25 GB of COCO images; this module writes a stand-in with the same file
-layout and json schema, so the whole pipeline (RFS sampling, pretraining, fine-tuning, LVIS
-evaluation with APr/APc/APf) can run end to end on a laptop and in tests::
-
-    root/train2017/<image id:012d>.jpg
-    root/val2017/<image id:012d>.jpg
-    root/lvis_v1_train.json
-    root/lvis_v1_val.json
-    root/manifest.json          # generation parameters + version; written last
-
-Design:
+A stand-in for LVIS v1 (whose COCO images take ~25 GB) with the same layout and json schema, so the
+whole pipeline runs end to end on a laptop and in tests: ``root/{train2017,val2017}/<id:012d>.jpg``,
+``root/lvis_v1_{train,val}.json`` and ``root/manifest.json`` (parameters + version, written last).
 
 * **Long tail.** Category training-image counts are LVIS v1's real counts (detectron2's
-  ``LVIS_CATEGORY_IMAGE_COUNT``) taken at evenly spaced quantiles and mapped in log-log space
-  onto ``1 .. ~0.5 * num_train_images``, so the shape of the tail is LVIS's, scaled down. The
-  frequency labels use LVIS's absolute thresholds on the *actual* training counts
-  (r: 1-10 images, c: 11-100, f: >100); whenever ``num_train_images >= 150`` the mapping is
-  bent so that at least two categories are frequent, i.e. all three bands exist.
-* **Learnable objects.** Every category is a distinct (colour, texture, shape) triple, e.g.
-  ``red_striped_star``. Instances vary in scale (12-45 % of the short side), rotation, aspect
-  and brightness, on varied backgrounds (gradients, smooth noise, low-contrast grey clutter),
-  and may be partly occluded by objects drawn later.
-* **Exact masks.** Masks are rasterised with cv2; an occluded object's annotation is its
-  *visible* part. Placements that would hide too much of an earlier object, split it in pieces
-  or punch a hole in it (polygons cannot express holes) are rejected and re-drawn, so no
-  required instance is lost and image counts stay exactly on target. Polygons are traced on a
-  2x upsampled mask so that rasterising them (pycocotools) reproduces the mask almost exactly.
-* **Deterministic.** Everything derives from ``numpy.random.default_rng`` streams keyed on the
-  seed (one per image), json is written with a fixed key order: same seed -> same bytes.
+  ``LVIS_CATEGORY_IMAGE_COUNT``) at evenly spaced quantiles, mapped in log-log space onto
+  ``1 .. ~0.5 * num_train_images``; the r / c / f labels use LVIS's thresholds on the actual counts,
+  and from 145 training images the map is bent so that all three bands exist.
+* **Learnable objects.** Every category is a distinct (colour, texture, shape) triple such as
+  ``red_striped_star``, varied in scale, rotation, aspect and brightness, on varied backgrounds,
+  and possibly occluded by objects drawn later.
+* **Exact masks.** An annotation is the object's *visible* part. Placements that would hide too much
+  of an earlier object, split it or punch a hole in it (polygons cannot express holes) are drawn
+  again, so image counts stay on target; polygons are traced on a 2x upsampled mask so that
+  pycocotools rasterises them back to the mask.
+* **Deterministic.** Everything derives from ``numpy.random.default_rng`` streams keyed on the seed
+  (one per image): same parameters -> same bytes.
 """
 from __future__ import annotations
 
@@ -46,17 +34,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from drcl_d2.utils import COMMON_MAX_IMAGES, atomic_write_json, frequency_group
+
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "DATASET_VERSION",
-    "PRESETS",
-    "make_longtail_dataset",
-    "longtail_image_counts",
-    "category_specs",
-    "frequency_label",
-    "main",
-]
+__all__ = ["DATASET_VERSION", "PRESETS", "make_longtail_dataset", "longtail_image_counts", "category_specs", "main"]
 
 # Bump when the generated content changes for the same parameters (invalidates old outputs).
 DATASET_VERSION = 1
@@ -77,28 +59,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   image_size=(256, 320), max_objects_per_image=6, val_min_images=10),
 }
 
-# LVIS frequency thresholds on the number of training images containing the category.
-RARE_MAX_IMAGES = 10
-COMMON_MAX_IMAGES = 100
-
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "ellipse", "diamond")
 TEXTURES = ("plain", "striped", "checkered", "dotted")
-TEXTURE_WORDS = {
-    "plain": "a plain, evenly shaded",
-    "striped": "a striped",
-    "checkered": "a checkered",
-    "dotted": "a polka-dotted",
-}
+TEXTURE_WORDS = {"plain": "a plain, evenly shaded", "striped": "a striped", "checkered": "a checkered",
+                 "dotted": "a polka-dotted"}
 # Saturated hues, far from the grey-ish backgrounds.
 COLOURS: Tuple[Tuple[str, Tuple[int, int, int]], ...] = (
-    ("red", (220, 38, 38)),
-    ("green", (40, 175, 60)),
-    ("blue", (40, 80, 225)),
-    ("yellow", (238, 212, 40)),
-    ("magenta", (215, 45, 205)),
-    ("cyan", (40, 205, 215)),
-    ("orange", (248, 140, 28)),
-    ("purple", (120, 45, 175)),
+    ("red", (220, 38, 38)), ("green", (40, 175, 60)), ("blue", (40, 80, 225)), ("yellow", (238, 212, 40)),
+    ("magenta", (215, 45, 205)), ("cyan", (40, 205, 215)), ("orange", (248, 140, 28)), ("purple", (120, 45, 175)),
 )
 MAX_CATEGORIES = len(SHAPES) * len(COLOURS) * len(TEXTURES)
 
@@ -114,9 +82,7 @@ MIN_VISIBLE_PIXELS = 30
 POLY_EPSILON = 0.6
 
 
-# --------------------------------------------------------------------------------------------
-# Categories and the long tail
-# --------------------------------------------------------------------------------------------
+# ---- Categories and the long tail --------------------------------------------------------------
 def category_specs(num_categories: int) -> List[Dict[str, Any]]:
     """Appearance of each category: a unique (shape, colour, texture) triple.
 
@@ -134,15 +100,6 @@ def category_specs(num_categories: int) -> List[Dict[str, Any]]:
         specs.append(dict(shape=shape, colour=colour_name, rgb=rgb, texture=texture,
                           name=f"{colour_name}_{texture}_{shape}"))
     return specs
-
-
-def frequency_label(image_count: int) -> str:
-    """LVIS frequency group of a category from its number of training images."""
-    if image_count <= RARE_MAX_IMAGES:
-        return "r"
-    if image_count <= COMMON_MAX_IMAGES:
-        return "c"
-    return "f"
 
 
 def _real_lvis_counts() -> np.ndarray:
@@ -247,9 +204,7 @@ def _assign_categories(counts: np.ndarray, num_images: int, max_objects: int,
     return members
 
 
-# --------------------------------------------------------------------------------------------
-# Drawing
-# --------------------------------------------------------------------------------------------
+# ---- Drawing -----------------------------------------------------------------------------------
 def _unit_shape(shape: str, rng: np.random.Generator) -> np.ndarray:
     """Polygon vertices of a shape of radius ~1 around the origin, randomly rotated/stretched.
 
@@ -257,12 +212,19 @@ def _unit_shape(shape: str, rng: np.random.Generator) -> np.ndarray:
     diamond) only get small rotations.
     """
     small_rot = shape in ("square", "diamond", "cross")
-    if shape in ("circle", "ellipse"):
+    w = 0.32  # the cross's arm half-width
+    polygons = {  # fixed vertices; the others are drawn on circles
+        "square": np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64) * 0.82,
+        "cross": np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1],
+                           [-w, w], [-1, w], [-1, -w], [-w, -w]], dtype=np.float64),
+        "diamond": np.array([[0, -1], [0.58, 0], [0, 1], [-0.58, 0]], dtype=np.float64),
+    }
+    if shape in polygons:
+        pts = polygons[shape]
+    elif shape in ("circle", "ellipse"):
         a = np.linspace(0, 2 * np.pi, 48, endpoint=False)
         ry = 1.0 if shape == "circle" else rng.uniform(0.45, 0.6)
         pts = np.stack([np.cos(a), ry * np.sin(a)], 1)
-    elif shape == "square":
-        pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64) * 0.82
     elif shape == "triangle":
         a = np.pi / 2 + np.array([0, 2, 4]) * np.pi / 3
         pts = np.stack([np.cos(a), -np.sin(a)], 1)
@@ -270,17 +232,9 @@ def _unit_shape(shape: str, rng: np.random.Generator) -> np.ndarray:
         a = -np.pi / 2 + np.arange(10) * np.pi / 5
         r = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
         pts = np.stack([r * np.cos(a), r * np.sin(a)], 1)
-    elif shape == "hexagon":
+    else:  # hexagon
         a = np.arange(6) * np.pi / 3
         pts = np.stack([np.cos(a), np.sin(a)], 1)
-    elif shape == "cross":
-        w = 0.32
-        pts = np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1],
-                        [-w, w], [-1, w], [-1, -w], [-w, -w]], dtype=np.float64)
-    elif shape == "diamond":
-        pts = np.array([[0, -1], [0.58, 0], [0, 1], [-0.58, 0]], dtype=np.float64)
-    else:  # pragma: no cover - SHAPES is closed
-        raise ValueError(shape)
     if shape != "circle":  # mild aspect jitter; circles stay round to differ from ellipses
         pts = pts * np.array([rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1)])
     theta = rng.uniform(-0.3, 0.3) if small_rot else rng.uniform(0, 2 * np.pi)
@@ -460,29 +414,7 @@ def _mask_to_annotation(mask: np.ndarray) -> Optional[Dict[str, Any]]:
     return dict(segmentation=polys, bbox=bbox, area=float(area))
 
 
-# --------------------------------------------------------------------------------------------
-# Dataset assembly
-# --------------------------------------------------------------------------------------------
-def _params_dict(num_train_images: int, num_val_images: int, num_categories: int,
-                 image_size: Sequence[int], max_objects_per_image: int,
-                 seed: int, val_min_images: int | None = None) -> Dict[str, Any]:
-    params = dict(num_train_images=int(num_train_images), num_val_images=int(num_val_images),
-                  num_categories=int(num_categories),
-                  image_size=[int(image_size[0]), int(image_size[1])],
-                  max_objects_per_image=int(max_objects_per_image), seed=int(seed))
-    if val_min_images is not None:  # only when set: datasets made before the option keep their manifest
-        params["val_min_images"] = int(val_min_images)
-    return params
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    """Write json via a temp file + os.replace so readers never see a half-written file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
-
-
+# ---- Dataset assembly --------------------------------------------------------------------------
 def _image_file(split: str, image_id: int) -> str:
     return f"{SPLIT_DIRS[split]}/{image_id:012d}.jpg"
 
@@ -537,17 +469,10 @@ def _generate_split(root: str, split: str, first_image_id: int, first_ann_id: in
             not_exhaustive = [int(rng.choice(sorted(present))) + 1]
         file_name = _image_file(split, image_id)
         Image.fromarray(pixels).save(os.path.join(root, file_name), format="JPEG", quality=90)
-        images.append(dict(
-            id=image_id,
-            width=w,
-            height=h,
-            file_name=file_name,
-            coco_url=f"http://images.cocodataset.org/{file_name}",
-            license=1,
-            date_captured="2024-01-01 00:00:00",
-            neg_category_ids=neg,
-            not_exhaustive_category_ids=not_exhaustive,
-        ))
+        images.append(dict(id=image_id, width=w, height=h, file_name=file_name,
+                           coco_url=f"http://images.cocodataset.org/{file_name}", license=1,
+                           date_captured="2024-01-01 00:00:00", neg_category_ids=neg,
+                           not_exhaustive_category_ids=not_exhaustive))
     return images, annotations
 
 
@@ -563,39 +488,12 @@ def _categories_json(specs: Sequence[Dict[str, Any]], train_anns: Sequence[Dict[
     cats = []
     for i, sp in enumerate(specs):
         n_img = len(img_sets[i])
-        cats.append(dict(
-            id=i + 1,
-            name=sp["name"],
-            synset=f"{sp['name']}.n.01",
-            synonyms=[sp["name"]],
-            **{"def": f"{TEXTURE_WORDS[sp['texture']]} {sp['colour']} {sp['shape']} "
-                      f"drawn on a cluttered background"},
-            frequency=frequency_label(n_img) if n_img > 0 else "r",
-            image_count=n_img,
-            instance_count=int(inst[i]),
-        ))
+        cats.append(dict(id=i + 1, name=sp["name"], synset=f"{sp['name']}.n.01", synonyms=[sp["name"]],
+                         **{"def": f"{TEXTURE_WORDS[sp['texture']]} {sp['colour']} {sp['shape']} "
+                                   f"drawn on a cluttered background"},
+                         frequency=frequency_group(n_img) if n_img > 0 else "r", image_count=n_img,
+                         instance_count=int(inst[i])))
     return cats
-
-
-def _summary(categories: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    bands = {"r": 0, "c": 0, "f": 0}
-    for c in categories:
-        bands[c["frequency"]] += 1
-    return {"frequency_counts": bands,
-            "image_counts": [c["image_count"] for c in categories]}
-
-
-def _validate(root: str, train_json: str, val_json: str) -> None:
-    """Check that the LVIS API and detectron2's LVIS loader both accept the files."""
-    import drcl_d2  # noqa: F401  (restores np.float for lvis 0.5.3 under NumPy 2)
-    from detectron2.data.datasets.lvis import load_lvis_json
-    from lvis import LVIS
-
-    for path in (train_json, val_json):
-        LVIS(path)
-        dicts = load_lvis_json(path, root.rstrip("/") + "/")
-        if not dicts or not os.path.exists(dicts[0]["file_name"]):
-            raise RuntimeError(f"detectron2 cannot resolve the images of {path}")
 
 
 def make_longtail_dataset(root: str, *, num_train_images: int = 400, num_val_images: int = 100,
@@ -604,33 +502,24 @@ def make_longtail_dataset(root: str, *, num_train_images: int = 400, num_val_ima
                           val_min_images: int | None = None, overwrite: bool = False) -> Dict[str, Any]:
     """Generate (or reuse) the embedded long-tailed LVIS-v1-format dataset under ``root``.
 
-    Args:
-        root: output directory (created if needed).
-        num_train_images / num_val_images: split sizes. Image ids run 1..N_train for train and
-            continue for val, so they are unique across splits (as are annotation ids).
-        num_categories: number of categories (1..256).
-        image_size: (height, width) of every image.
-        max_objects_per_image: upper bound on objects drawn per image.
-        seed: everything is a function of the parameters and this seed.
-        val_min_images: val images per category at least (None: 1-3 from the split size). A
-            result table raises it so that rare categories have enough val instances for APr.
-        overwrite: regenerate even if ``root`` holds a dataset made with other parameters.
+    Image (and annotation) ids run 1..N_train for train and continue for val. ``num_categories`` is
+    1..256; ``image_size`` is (height, width); ``val_min_images``: val images per category at least
+    (None: 1-3 from the split size; a result table raises it so that APr is measurable).
+    ``overwrite``: regenerate even if ``root`` holds a dataset made with other parameters (else a
+    ValueError, as for infeasible parameters).
 
-    Returns:
-        dict with ``train_json``, ``val_json``, ``image_root`` (= ``root``; pass
-        ``image_root + "/"`` to detectron2's ``load_lvis_json``), ``categories`` (count),
-        ``manifest``, ``num_train_images``, ``num_val_images``, ``frequency_counts``
-        ({"r", "c", "f"} -> number of categories), ``image_counts`` (train images per category
-        id 1..C) and ``generated`` (False when an existing dataset was reused).
-
-    Raises:
-        ValueError: if ``root`` holds a dataset with different parameters and not ``overwrite``,
-            or the parameters are infeasible.
+    Returns ``train_json``, ``val_json``, ``image_root`` (= ``root``), ``categories`` (count),
+    ``manifest``, ``num_train_images``, ``num_val_images``, ``frequency_counts`` ({"r", "c", "f"} ->
+    categories), ``image_counts`` (train images per category id 1..C) and ``generated`` (False when
+    an existing dataset was reused).
     """
     root = os.fspath(root)
     h, w = int(image_size[0]), int(image_size[1])
-    params = _params_dict(num_train_images, num_val_images, num_categories, (h, w),
-                          max_objects_per_image, seed, val_min_images)
+    params = dict(num_train_images=int(num_train_images), num_val_images=int(num_val_images),
+                  num_categories=int(num_categories), image_size=[h, w],
+                  max_objects_per_image=int(max_objects_per_image), seed=int(seed))
+    if val_min_images is not None:  # only when set: datasets made before the option keep their manifest
+        params["val_min_images"] = int(val_min_images)
     if num_train_images < 1 or num_val_images < 1:
         raise ValueError("num_train_images and num_val_images must be >= 1")
     if max_objects_per_image < 1:
@@ -702,13 +591,14 @@ def make_longtail_dataset(root: str, *, num_train_images: int = 400, num_val_ima
     licenses = [dict(id=1, name="Synthetic data, no restrictions", url="")]
     for path, images, anns in ((train_json, train_images, train_anns),
                                (val_json, val_images, val_anns)):
-        _write_json_atomic(path, dict(info=info, licenses=licenses, images=images,
-                                      annotations=anns, categories=categories))
-    _validate(root, train_json, val_json)
+        atomic_write_json(dict(info=info, licenses=licenses, images=images, annotations=anns,
+                               categories=categories), path, separators=(",", ":"))
 
-    summary = _summary(categories)
-    _write_json_atomic(manifest_path, dict(version=DATASET_VERSION, params=params,
-                                           summary=summary))
+    bands = [c["frequency"] for c in categories]
+    summary = {"frequency_counts": {b: bands.count(b) for b in "rcf"},
+               "image_counts": [c["image_count"] for c in categories]}
+    atomic_write_json(dict(version=DATASET_VERSION, params=params, summary=summary), manifest_path,
+                      separators=(",", ":"))
     logger.info("Generated the long-tailed dataset in %s in %.1fs: %d train / %d val images, "
                 "%d categories (r/c/f = %d/%d/%d), %d train / %d val annotations",
                 root, time.perf_counter() - t0, num_train_images, num_val_images,
@@ -731,9 +621,7 @@ def _remove_old_images(root: str) -> None:
                     os.remove(os.path.join(folder, name))
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
+# ---- CLI ---------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m drcl_d2.data.synthetic OUTPUT_DIR [--preset ...] [overrides]``."""
     parser = argparse.ArgumentParser(
@@ -751,12 +639,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     kwargs = dict(PRESETS[args.preset])
-    if args.train_images is not None:
-        kwargs["num_train_images"] = args.train_images
-    if args.val_images is not None:
-        kwargs["num_val_images"] = args.val_images
-    if args.categories is not None:
-        kwargs["num_categories"] = args.categories
+    for option, key in (("train_images", "num_train_images"), ("val_images", "num_val_images"),
+                        ("categories", "num_categories")):
+        if getattr(args, option) is not None:
+            kwargs[key] = getattr(args, option)
     try:
         out = make_longtail_dataset(args.output_dir, seed=args.seed, overwrite=args.overwrite,
                                     **kwargs)

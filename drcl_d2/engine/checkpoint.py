@@ -1,69 +1,50 @@
 """Checkpoints that a crash cannot corrupt, and loads that say how much of the model they set."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from drcl_d2.utils import atomic_write
+
 __all__ = ["AtomicDetectionCheckpointer", "LoadSummary", "atomic_torch_save", "atomic_write_text",
-           "require_backbone_loaded", "MIN_BACKBONE_FRACTION"]
+           "quiet_checkpoint_logs", "require_backbone_loaded", "MIN_BACKBONE_FRACTION"]
 
 # MODEL.WEIGHTS must initialise at least this fraction of the backbone's weights (by element count)
 # unless MODEL.ALLOW_PARTIAL_WEIGHTS: an ImageNet R-50 sets 88% of an R50-FPN backbone (all but the
 # FPN), a converted pretraining checkpoint all of it, an R-18 file in an R-50 model about a third.
 MIN_BACKBONE_FRACTION = 0.5
 
-# What _atomic_replace leaves behind when the process dies mid-write: ".<target>.<mkstemp id>.tmp".
+# What drcl_d2.utils.atomic_write leaves behind when the process dies mid-write: ".<target>.<mkstemp id>.tmp".
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
+@contextlib.contextmanager
+def quiet_checkpoint_logs():
+    """Silence fvcore's and detectron2's load messages: for a caller that reports
+    what a load set in its own words (drcl-convert, the figures)."""
+    loggers = [logging.getLogger(n) for n in ("fvcore.common.checkpoint", "detectron2.checkpoint")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_replace(path: str, write) -> None:
-    """Write to a temporary file in the target's folder, fsync, then rename over the target.
-
-    os.replace is atomic on POSIX: a reader (or a crash) sees either the old file or the new one,
-    never a half-written one. mkstemp creates the file 0600; it gets the mode a plain open() would
-    give (0666 less the umask), as fvcore's checkpoints have.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    _atomic_replace(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    _atomic_replace(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 @dataclass
@@ -144,6 +125,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
 
     extra_state: dict | None = None
     load_summary: LoadSummary | None = None
+    incompatible = None  # fvcore's _IncompatibleKeys of the last load
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -208,7 +190,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             ) from e
 
     def _load_model(self, checkpoint):
-        incompatible = super()._load_model(checkpoint)
+        self.incompatible = incompatible = super()._load_model(checkpoint)  # fvcore's missing / unexpected keys
         self.load_summary = _summarize(self.model, incompatible, getattr(self, "_loading_path", "?"))
         self.logger.info(self.load_summary.line())
         return incompatible

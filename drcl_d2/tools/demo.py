@@ -34,16 +34,54 @@ def format_results_table(results: dict) -> str:
     return tabulate(rows, headers=["task"] + list(METRICS), tablefmt="github")
 
 
-def write_figures(args, data: str, opts: list[str], weights: list[str]) -> dict:
-    """The demo's PNGs (long tail + DRB factors, DRB schedule, AP by frequency group, attention
-    maps of the pretrained and fine-tuned detectors, predictions) under OUTPUT/figures."""
-    from drcl_d2.tools.plots import make_demo_figures
+def make_demo_figures(dataset_json: str, image_root: str, finetune_dir: str, out_dir: str, config: str,
+                      weights: dict, pretrain_dir: str | None = None, *, val_json: str | None = None,
+                      opts: list[str] = (), num_images: int = 2) -> dict:
+    """The demo's figures in ``out_dir``; returns {figure name: PNG path}.
 
+    dataset_json: the training json (long tail; images too unless ``val_json``). finetune_dir /
+    pretrain_dir: run folders. config + opts: the fine-tuning config (its DATALOADER.REPEAT_THRESHOLD
+    and DRB.INSTANCE_FREQUENCY draw the long tail). weights: {label: checkpoint} for the attention
+    maps. A figure whose inputs are missing, or that fails, is skipped with a line saying why:
+    figures never stop the demo.
+    """
+    from drcl_d2.tools import plots, visualize
+    from drcl_d2.utils import load_config
+
+    def longtail(out):
+        cfg = load_config(config, opts, device="cpu")
+        return plots.plot_longtail(dataset_json, out, image_root, cfg.DATALOADER.REPEAT_THRESHOLD,
+                                   instance_frequency=cfg.DATALOADER.DRB.INSTANCE_FREQUENCY)
+
+    finetune_metrics = os.path.join(finetune_dir, "metrics.json")
+    present = {label: path for label, path in weights.items() if os.path.isfile(path)}
+    for label in sorted(set(weights) - set(present)):
+        print(f"figure attention: weights {label!r} left out ({weights[label]} not found)")
+    images = dict(dataset_json=val_json or dataset_json, image_root=image_root, num_images=num_images, opts=opts)
+    figures = {
+        "longtail": longtail,
+        "drb_schedule": lambda out: plots.plot_drb_schedule(finetune_metrics, out),
+        "ap_groups": lambda out: plots.plot_ap_groups({os.path.basename(os.path.normpath(finetune_dir)): finetune_metrics}, out),
+        "attention": lambda out: visualize.plot_attention(config, present, out, **images),
+        "predictions": lambda out: visualize.plot_predictions(
+            config, {"fine-tuned": os.path.join(finetune_dir, "model_final.pth")}, out, **images),
+    }
+    if pretrain_dir:  # a pretraining run with Dynamic Rebalancing logs its schedule too
+        figures["drb_schedule_pretrain"] = lambda out: plots.plot_drb_schedule(pretrain_dir, out)
+    written = {}
+    for name, make in figures.items():
+        try:
+            written[name] = make(os.path.join(out_dir, f"{name}.png")).path
+        except Exception as e:  # noqa: BLE001 - a figure is a by-product: say why and go on
+            print(f"figure {name}: skipped ({type(e).__name__}: {e})")
+    return written
+
+
+def write_figures(args, data: str, opts: list[str], weights: list[str]) -> dict:
+    """The demo's PNGs under OUTPUT/figures: attention maps of the pretrained and fine-tuned detectors."""
     print("\n# figures (python -m drcl_d2.tools.plots ... makes each on your own runs)", flush=True)
     out = os.path.join(ROOT, args.output)
-    checkpoints = {}
-    if weights:
-        checkpoints["2DRCL pretrained"] = weights[1]
+    checkpoints = {"2DRCL pretrained": weights[1]} if weights else {}
     checkpoints["fine-tuned"] = os.path.join(out, "finetune", "model_final.pth")
     return make_demo_figures(
         f"{data}/lvis_v1_train.json", data, os.path.join(out, "finetune"), os.path.join(out, "figures"),

@@ -19,9 +19,7 @@ Single process: run it once per dataset.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import time
 
@@ -29,7 +27,7 @@ import torch
 
 logger = logging.getLogger("drcl_d2.make_proposals")
 
-__all__ = ["main", "setup_cfg", "generate_proposals"]
+__all__ = ["main", "generate_proposals"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,25 +41,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
     return args
-
-
-def setup_cfg(config_file: str, opts: list[str]):
-    """get_cfg + drcl_d2 keys + file + opts; CPU when no CUDA; datasets of LVIS_CUSTOM registered."""
-    from detectron2.config import get_cfg
-
-    from drcl_d2 import add_drcl_config
-    from drcl_d2.data.datasets import register_datasets_from_config
-
-    cfg = get_cfg()
-    add_drcl_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
-        logger.info(f"CUDA is not available: MODEL.DEVICE {cfg.MODEL.DEVICE} -> cpu")
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    register_datasets_from_config(cfg)
-    return cfg
 
 
 def _preprocess(model, cfg, batched_inputs):
@@ -116,18 +95,6 @@ def generate_proposals(cfg, model, dataset_name: str, topk: int) -> list[dict]:
     return results
 
 
-def _write_atomic(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)  # readers never see a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main(argv=None) -> dict:
     """Run the command; returns the summary {"images", "boxes", "mean_boxes_per_image", ...}."""
     from detectron2.data import DatasetCatalog
@@ -135,12 +102,13 @@ def main(argv=None) -> dict:
     from detectron2.utils.logger import setup_logger
 
     from drcl_d2.engine.checkpoint import AtomicDetectionCheckpointer
+    from drcl_d2.utils import atomic_write_json, load_config
 
     import drcl_d2.modeling  # noqa: F401  (registers drcl_d2's meta-architectures)
 
     args = parse_args(argv)
     setup_logger(name="drcl_d2")
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts, register_datasets=True)
     if args.dataset not in DatasetCatalog.list():
         raise ValueError(f"dataset {args.dataset!r} is not registered (DATASETS.LVIS_CUSTOM names it?)")
     num_images = len(DatasetCatalog.get(args.dataset))
@@ -154,7 +122,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     results = generate_proposals(cfg, model, args.dataset, args.topk)
     elapsed = time.perf_counter() - start
-    _write_atomic(args.output, results)
+    atomic_write_json(results, args.output)
 
     with_boxes = len({r["image_id"] for r in results})
     summary = {

@@ -360,7 +360,7 @@ def run_probe(cfg, weights: str, train_dataset: str | None = None, test_dataset:
     """kNN-probe the "backbone" and "box_head" RoI features of cfg's detector loaded with weights.
 
     Args:
-        cfg: a detectron2 config with drcl_d2's keys (e.g. from make_proposals.setup_cfg); the
+        cfg: a detectron2 config with drcl_d2's keys (e.g. from drcl_d2.utils.load_config); the
             datasets of its DATASETS.LVIS_CUSTOM are registered here if they are not yet.
         weights: detectron2 weights (.pkl / .pth), or "" for a random-init model.
         train_dataset / test_dataset: registered names; None = DATASETS.TRAIN[0] / TEST[0].
@@ -489,13 +489,13 @@ def main(argv=None) -> dict:
     """Run the command; returns the json's content. Bad input: message on stderr, exit status 2."""
     from detectron2.utils.logger import setup_logger
 
-    from drcl_d2.tools.make_proposals import setup_cfg
+    from drcl_d2.utils import load_config
 
     args = parse_args(argv)
     setup_logger(name="drcl_d2")
     try:
         _check_weights(args.weights)
-        cfg = setup_cfg(args.config_file, args.opts)
+        cfg = load_config(args.config_file, args.opts, register_datasets=True)
         result = run_probe(cfg, args.weights, args.train_dataset, args.test_dataset, args.max_train_images,
                            args.max_test_images, args.k, temperature=args.temperature,
                            batch_size=args.batch_size, seed=args.seed)
