@@ -72,3 +72,28 @@ def test_accumulated_micro_batches_equal_one_full_batch_step(tiny_dataset, tmp_p
 def test_accum_steps_must_divide_the_batch(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"SOLVER.IMS_PER_BATCH \(4\) must be divisible by SOLVER.ACCUM_STEPS \(3\)"):
         _train(tiny_dataset, tmp_path, 3)
+
+
+def test_accumulated_moco_v2_pretraining_equals_one_full_batch_step(tiny_dataset, tmp_path):
+    """MoCo v2 without BatchNorm (no norm layers in the ResNet, Shuffle BN off): 2 micro-batches of 2
+    images per step give the parameters, key encoder and queues of steps of 4 images. The key encoder
+    moves once per step and the keys of both micro-batches enter the queue after the step."""
+    import sys
+
+    sys.path.insert(0, ROOT)
+    import pretrain_net
+    from test_detco import MOCO_CONFIG, _args, _model_state, _opts
+
+    final = {}
+    for k in (1, 2):
+        out = tmp_path / f"moco_accum{k}"
+        pretrain_net.main(_args(MOCO_CONFIG, _opts(tiny_dataset, out, **{
+            "SOLVER.IMS_PER_BATCH": 4, "SOLVER.ACCUM_STEPS": k, "MODEL.RESNETS.NORM": "''",
+            "MODEL.DETCO.SHUFFLE_BN": False, "SOLVER.CHECKPOINT_PERIOD": 100, "MODEL.DETCO.QUEUE_SIZE": 32})))
+        final[k] = _model_state(out / "model_final.pth")
+    assert int(final[2]["queue_global.res5.ptr"]) == 3 * 4
+    for name, value in final[1].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(final[2][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(final[2][name], value), name

@@ -207,7 +207,10 @@ def test_detco_batched_terms_equal_the_per_term_losses_gradients_and_queues_over
         sum(old_losses.values()).backward()
         for (name, p), p_old in zip(model.named_parameters(), reference.parameters()):
             if p.grad is not None or p_old.grad is not None:
-                torch.testing.assert_close(p.grad, p_old.grad, rtol=1e-4, atol=1e-6, msg=name)
+                # Relative to the gradient's norm: a convolution's weight gradient sums over every
+                # pixel, in an order that depends on the thread count (elements near 0 differ most).
+                error = (p.grad - p_old.grad).norm() / p_old.grad.norm().clamp(min=1e-12)
+                assert error < 1e-5, f"{name}: relative gradient error {error:.2e}"
         opt.step()
         for key, state in reference_queues.items():
             old_enqueue(state, old_keys[key])

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 
+from ..utils import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["cache_dir", "read_cached_metadata", "write_cached_metadata"]
@@ -60,14 +62,12 @@ def read_cached_metadata(json_file: str) -> dict | None:
 
 
 def write_cached_metadata(json_file: str, fields: dict) -> None:
-    from ..engine.checkpoint import atomic_write_text  # data/ must not import engine/ at load time
-
     key = _key(json_file)
     if key is None:
         return
     fields = dict(fields, thing_dataset_id_to_contiguous_id=sorted(fields["thing_dataset_id_to_contiguous_id"].items()))
     try:
         os.makedirs(os.path.dirname(key[0]), exist_ok=True)
-        atomic_write_text(json.dumps({"key": key[1], "fields": fields}), key[0])
+        atomic_write_json({"key": key[1], "fields": fields}, key[0])
     except OSError as e:
         logger.debug(f"Could not write the metadata cache {key[0]}: {e}")

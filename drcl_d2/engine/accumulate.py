@@ -80,6 +80,7 @@ class AccumulatingTrainer(SimpleTrainer):
                 (self.grad_scaler.scale(losses) if self.grad_scaler is not None else losses).backward()
             for name, value in loss_dict.items():
                 mean_losses[name] = mean_losses.get(name, 0.0) + value.detach() / k
+        set_accumulation_position(self.model, 0, k)  # the step is done: its keys may enter the queues
         self.after_backward()
         self._write_metrics(mean_losses, data_time)
         if self.grad_scaler is not None:

@@ -42,8 +42,8 @@ from detectron2.utils import comm
 from torch import nn
 
 from ..data.jigsaw import GRID, DetCoViewMapper
-from .momentum import (FeatureQueue, MomentumUpdate, PendingKeysCheckpoint, concat_all_gather, copy_params,
-                       write_keys)
+from .momentum import (FeatureQueue, MicroBatchAware, MomentumUpdate, PendingKeysCheckpoint, concat_all_gather,
+                       copy_params, write_keys)
 
 __all__ = ["DetCo", "mlp_head"]
 
@@ -72,7 +72,7 @@ class _OnlineNetwork(nn.Module):
 
 
 @META_ARCH_REGISTRY.register()
-class DetCo(PendingKeysCheckpoint, nn.Module):
+class DetCo(MicroBatchAware, PendingKeysCheckpoint, nn.Module):
     """Query encoder + momentum key encoder, per-level global / local heads and queues."""
 
     @configurable
@@ -420,7 +420,12 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
         if self.local:
             patches_q, patches_k = stack("patches_q"), stack("patches_k")  # (N, 9, 3, P, P) each
 
-        self.flush_queues()  # the previous step's keys, now that its backward is done
+        # The previous step's keys, now that its backward is done. With gradient accumulation
+        # (drcl_d2.engine.accumulate) only before the first micro-batch of a step: all micro-batches
+        # of a step see the same queues and key encoder, as one batch of the whole step would.
+        first_micro_batch = self.accumulation[0] == 0
+        if first_micro_batch:
+            self.flush_queues()
 
         # Queries: (L, N, 128) per branch.
         qg = self._embeddings(self.encoder_q, self.global_heads_q, self._normalize(view_q))
@@ -428,7 +433,8 @@ class DetCo(PendingKeysCheckpoint, nn.Module):
 
         # Keys: momentum update first, then the key encoder on the rank-shuffled batch.
         with torch.no_grad():
-            self._momentum_update_key_encoder()
+            if first_micro_batch:  # once per optimizer step
+                self._momentum_update_key_encoder()
             view_k, patches_k, idx_unshuffle = self._batch_shuffle_ddp(view_k, patches_k)
             kg = self._embeddings(self.encoder_k, self.global_heads_k, self._normalize(view_k))
             kl = (self._embeddings(self.encoder_k, self.local_heads_k, self._normalize(patches_k))

@@ -49,8 +49,8 @@ from torch import nn
 
 from .heads import MLPHead, ReconstructionDecoder
 from .losses import info_nce, info_nce_with_batch_negatives, same_image_mask
-from .momentum import (FeatureQueue, MomentumUpdate, concat_all_gather, copy_params, cosine_momentum,
-                       gather_variable)
+from .momentum import (FeatureQueue, MicroBatchAware, MomentumUpdate, concat_all_gather, copy_params,
+                       cosine_momentum, gather_variable)
 
 __all__ = ["DRCL", "BoxFeatureHead"]
 
@@ -227,7 +227,7 @@ def _batch_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @META_ARCH_REGISTRY.register()
-class DRCL(nn.Module):
+class DRCL(MicroBatchAware, nn.Module):
     @configurable
     def __init__(
         self,
@@ -436,7 +436,11 @@ class DRCL(nn.Module):
     def forward(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
         if not self.training:
             raise RuntimeError("DRCL is a pretraining model; convert it (drcl-convert) to run a detector")
-        self.flush_queues()  # the previous step's keys, now that its backward is done
+        # The previous step's keys, now that its backward is done; with gradient accumulation only
+        # before a step's first micro-batch (all micro-batches see the same queues; the target
+        # moves once per optimizer step, TargetNetworkHook).
+        if self.accumulation[0] == 0:
+            self.flush_queues()
         w = self.loss_weights
         health = {} if self._health_due() else None  # name -> 0-d tensor, logged under health/
         images_1 = self._images(batched_inputs, "image_v1")  # (N, 3, H, W), normalised, padded

@@ -16,7 +16,7 @@ from torch import nn
 
 QUEUE_SEED = 20210101  # initial queue keys: the same on every rank (FeatureQueue)
 
-__all__ = ["concat_all_gather", "FeatureQueue", "PendingKeysCheckpoint", "write_keys", "copy_params",
+__all__ = ["concat_all_gather", "FeatureQueue", "MicroBatchAware", "PendingKeysCheckpoint", "write_keys", "copy_params",
            "MomentumUpdate", "momentum_update", "cosine_momentum"]
 
 
@@ -154,10 +154,13 @@ class FeatureQueue(PendingKeysCheckpoint, nn.Module):
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))  # (K,) image id per key
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.on_read = None  # () -> None, called before a buffer is read (see the class docstring)
+        # Inside a step of gradient accumulation (after its first micro-batch) reads do not flush:
+        # pushed keys wait for the step's end (MicroBatchAware).
+        self.hold_pending = False
 
     def __getattr__(self, name: str):
         # Module keeps buffers outside __dict__, so every read of one comes here.
-        if name in _QUEUE_BUFFERS:
+        if name in _QUEUE_BUFFERS and not self.__dict__.get("hold_pending"):
             state = self.__dict__
             if state.get("_pending"):
                 self.flush()
@@ -266,3 +269,29 @@ def cosine_momentum(base: float, iteration: int, max_iter: int) -> float:
     """m(T) = 1 - (1 - base) * (cos(pi T / T_max) + 1) / 2: base at T=0, 1.0 at T=T_max (BYOL)."""
     progress = min(max(iteration / max(max_iter, 1), 0.0), 1.0)
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+class MicroBatchAware:
+    """For a pretraining model with queues: the gradient-accumulation protocol
+    (drcl_d2.engine.accumulate). `accumulation` = (index of the coming micro-batch in its optimizer
+    step, micro-batches per step); (0, 1) without accumulation. From the second micro-batch of a step
+    on, the queues hold pushed keys back (reads do not flush), so every micro-batch of a step is
+    contrasted with the queues as they were at the step's start; the trainer sets (0, k) after the
+    optimizer step, and the next read or forward writes all of the step's keys, in batch order.
+    """
+
+    _accumulation = (0, 1)
+
+    @property
+    def accumulation(self) -> tuple[int, int]:
+        return self._accumulation
+
+    @accumulation.setter
+    def accumulation(self, value) -> None:
+        index, steps = (int(v) for v in value)
+        if not 0 <= index < steps:
+            raise ValueError(f"micro-batch index {index} outside a step of {steps}")
+        self._accumulation = (index, steps)
+        for module in self.modules():
+            if isinstance(module, FeatureQueue):
+                module.hold_pending = index != 0
