@@ -145,7 +145,9 @@ def main():
     reference.close()
 
     def detectron2(test):
+        # drcl_d2's configs name its LongTailROIHeads (StandardROIHeads with softmax CE, the default).
         return [sys.executable, reference.name, "--config-file", CONFIG, *common, "DATASETS.TEST", test,
+                "MODEL.ROI_HEADS.NAME", "StandardROIHeads",
                 "OUTPUT_DIR", os.path.join(args.work, "out_d2")]
 
     def drcl(test):
