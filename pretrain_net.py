@@ -9,11 +9,11 @@ The meta-architecture (MODEL.META_ARCHITECTURE: DRCL, DetCo) picks its own input
 (uniform / RFS / Dynamic Rebalancing) is DATALOADER.SAMPLER_TRAIN. Checkpoints in OUTPUT_DIR hold
 everything needed to resume; `drcl-convert` turns them into detectron2 detector weights.
 """
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 
 import drcl_d2.modeling  # noqa: F401  (registers the pretraining meta-architectures)
 from drcl_d2.engine.pretrain import PretrainTrainer
-from drcl_d2.engine.trainer import setup
+from drcl_d2.engine.trainer import launch_from_args, setup
 
 
 def main(args):
@@ -28,12 +28,4 @@ if __name__ == "__main__":
     if args.eval_only:
         raise SystemExit("pretrain_net.py has no --eval-only: convert the checkpoint (drcl-convert) and "
                          "evaluate the detector with train_net.py")
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, args)

@@ -8,12 +8,12 @@
 The sampler (uniform / RFS / Dynamic Rebalancing) is DATALOADER.SAMPLER_TRAIN; datasets of your
 own are DATASETS.LVIS_CUSTOM [[name, json, image_root], ...].
 """
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from drcl_d2.data.checks import check_evaluation_datasets
-from drcl_d2.engine import Trainer, setup
+from drcl_d2.engine import Trainer, launch_from_args, setup
 from drcl_d2.engine.checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
 
 
@@ -36,12 +36,4 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, args)

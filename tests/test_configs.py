@@ -95,3 +95,40 @@ def test_loss_config_builds_its_roi_heads(path):
     assert cfg.DATALOADER.SAMPLER_TRAIN == next((v for k, v in sampler.items() if k in stem), "TrainingSampler")
     if stem.endswith("_from_2drcl.yaml"):
         assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.RESNETS.NORM == "SyncBN"  # WEIGHTS cleared by load_config
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def test_configs_state_only_what_differs_from_what_they_inherit():
+    """A key whose value equals the inherited one (or detectron2's / drcl_d2's default) hides what a
+    config changes; only a root config (no _BASE_) may state VERSION and META_ARCHITECTURE."""
+    import yaml
+    from detectron2.config import CfgNode
+
+    restated = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)):
+        raw = yaml.safe_load(open(path)) or {}
+        base = raw.pop("_BASE_", None)
+        inherited = add_drcl_config(get_cfg())
+        if base:
+            inherited.merge_from_file(os.path.join(os.path.dirname(path), base))
+        for key, value in _leaves(raw):
+            if not base and key in ("VERSION", "MODEL.META_ARCHITECTURE"):
+                continue
+            node = inherited
+            for part in key.split("."):
+                node = node[part]
+            # decoded as merge_from_file does: "(60000, 80000)" is a tuple
+            if _as_tuples(CfgNode._decode_cfg_value(value)) == _as_tuples(node):
+                restated.append(f"{os.path.relpath(path, ROOT)}: {key}")
+    assert not restated, restated

@@ -28,7 +28,7 @@ import weakref
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup, launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.data import MetadataCatalog
@@ -44,7 +44,7 @@ from .accumulate import AccumulatingTrainer
 from .checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
 from .hooks import RebalanceHook, StopOnRequestHook, find_train_sampler
 
-__all__ = ["Trainer", "setup", "build_evaluator", "ddp_device_ids"]
+__all__ = ["Trainer", "setup", "launch_from_args", "build_evaluator", "ddp_device_ids"]
 
 # (cfg, training dicts) while Trainer.__init__ builds its loader: see Trainer.prebuilt_train_dataset.
 _PREBUILT_TRAIN_DATASET: contextvars.ContextVar = contextvars.ContextVar("drcl_prebuilt_train_dataset", default=None)
@@ -65,7 +65,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None):
     if evaluator_type == "lvis":
         if any(f not in FREQUENCIES for f in getattr(meta, "category_frequencies", None) or ()):
             check_lvis_frequencies(meta.json_file)  # raises, naming the file and categories
-        return LVISEvaluator(dataset_name, cfg, True, output_folder,
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return LVISEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
                              max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
     if evaluator_type == "coco":
         return COCOEvaluator(dataset_name, output_dir=output_folder,
@@ -163,6 +164,14 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+
+def launch_from_args(main, args) -> None:
+    """Run ``main(args)`` in args.num_gpus processes on each of args.num_machines machines
+    (detectron2's launch; the arguments of default_argument_parser)."""
+    print("Command Line Args:", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
 
 
 def setup(args, extra_setup=None):

@@ -72,12 +72,17 @@ def check_json(data: dict, image_root: str, *, path_rule: str = "auto", mask_for
     if problems:
         return problems, []
 
+    def first_time(seen: set, entry: dict, what: str, where: str, consequence: str = "") -> bool:
+        if entry.get("id") in seen:
+            add("error", f"duplicate {what} id", where, "listed more than once" + consequence)
+            return False
+        seen.add(entry.get("id"))
+        return True
+
     category_ids = set()
     for c in data["categories"]:
         where = f"category id {c.get('id')} ({c.get('name', '?')})"
-        if c.get("id") in category_ids:
-            add("error", "duplicate category id", where, "listed more than once: class names would shift")
-        category_ids.add(c.get("id"))
+        first_time(category_ids, c, "category", where, ": class names would shift")
         if c.get("frequency") not in FREQUENCIES:
             add("warning", "frequency", where, f"frequency {c.get('frequency')!r} is not 'r', 'c' or 'f' "
                 "(LVIS evaluation needs it)")
@@ -85,14 +90,13 @@ def check_json(data: dict, image_root: str, *, path_rule: str = "auto", mask_for
         add("error", "num classes", "json", f"{len(category_ids)} categories, but --num-classes {num_classes} "
             "(MODEL.ROI_HEADS.NUM_CLASSES must equal the category count)")
 
-    images, to_decode = {}, []
+    images, image_ids, to_decode = {}, set(), []
     for img in data["images"]:
         where = f"image id {img.get('id')}"
         if any(k not in img for k in ("id", "height", "width")):
             add("error", "image entry", where, "lacks id, height or width")
             continue
-        if img["id"] in images:
-            add("error", "duplicate image id", where, "listed more than once")
+        if not first_time(image_ids, img, "image", where):
             continue
         images[img["id"]] = img
         try:
@@ -103,9 +107,7 @@ def check_json(data: dict, image_root: str, *, path_rule: str = "auto", mask_for
     ann_ids = set()
     for ann in data["annotations"]:
         where = f"annotation id {ann.get('id')} (image id {ann.get('image_id')})"
-        if ann.get("id") in ann_ids:
-            add("error", "duplicate annotation id", where, "listed more than once")
-        ann_ids.add(ann.get("id"))
+        first_time(ann_ids, ann, "annotation", where)
         img = images.get(ann.get("image_id"))
         if img is None:
             add("error", "unknown image", where, "its image id is not in 'images'")
