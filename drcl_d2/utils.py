@@ -2,13 +2,14 @@
 frequency groups and the unpadded part of a feature map."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["COMMON_MAX_IMAGES", "RARE_MAX_IMAGES", "atomic_write", "atomic_write_json", "frequency_group",
-           "load_config", "unpadded_size"]
+           "load_config", "seeded_rng", "unpadded_size"]
 
 # LVIS v1's frequency groups by the number of training images that contain a category:
 # rare <= 10 < common <= 100 < frequent.
@@ -27,6 +28,17 @@ def unpadded_size(height: int, width: int, stride: int) -> tuple:
     convolutions with "same" padding round up. The cells beyond hold only padding.
     """
     return -(-height // stride), -(-width // stride)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Torch seeded with ``seed`` inside the block (a reproducible model init); the caller's CPU RNG
+    state is restored after."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _umask() -> int:

@@ -6,20 +6,13 @@ teach the FPN a large per-channel offset. A fine-tuning run then starts from FPN
 features and classifier logits at scales the freshly initialised parts of the detector (RPN
 objectness, the class-specific box predictor) were not initialised for.
 
-:func:`measure_transfer_scale` builds the detector of a config twice on CPU from the same torch
-seed, once as initialised ("fresh") and once with the converted weights loaded by detectron2's
-DetectionCheckpointer ("converted"), runs both on the same few test-time-resized images of a
-dataset and compares
-
-* the backbone output maps (FPN p2..p6; ``res4`` for C4): std and the spread (std over channels)
-  of the per-channel means,
-* the box features on the ground-truth boxes (the box head's output, "fc7", of FPN models; the
-  pooled res5 output of C4 models): mean L2 norm per box,
-* the classification logits of the fresh box predictor on those features: std and max |logit|,
-* the RPN objectness logits: std.
-
-:func:`check_transfer_scale` turns the result into warnings, :func:`format_scale_table` into the
-text table ``drcl-convert --target-config`` prints.
+:func:`measure_transfer_scale` runs the detector of a config as initialised ("fresh") and with the
+converted weights ("converted") on the same few test-time-resized images and compares the backbone
+maps (FPN p2..p6, C4 res4: std, and std over channels of the per-channel means), the box features
+at the ground-truth boxes (FPN "fc7", C4 pooled res5: mean L2 norm per box), the fresh classifier's
+logits on them (std, max |logit|) and the RPN objectness logits (std). :func:`check_transfer_scale`
+turns the result into warnings, :func:`format_scale_table` into the table ``drcl-convert
+--target-config`` prints.
 """
 from __future__ import annotations
 
@@ -33,17 +26,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from tabulate import tabulate
 
-__all__ = [
-    "DatasetUnavailableError",
-    "FC7_NORM_RATIO_MAX",
-    "FPN_STD_RATIO_RANGE",
-    "MAX_ABS_CLS_LOGIT",
-    "TransferScaleError",
-    "check_transfer_scale",
-    "format_scale_table",
-    "measure_transfer_scale",
-    "report_transfer_scale",
-]
+from ..tools.gt_box_features import box_head_features, first_stage, images_with_boxes, test_time_mapper_with_boxes
+from ..utils import atomic_write_json, seeded_rng, unpadded_size
+
+__all__ = ["DatasetUnavailableError", "FC7_NORM_RATIO_MAX", "FPN_STD_RATIO_RANGE", "MAX_ABS_CLS_LOGIT",
+           "TransferScaleError", "check_transfer_scale", "format_scale_table", "measure_transfer_scale",
+           "report_transfer_scale"]
 
 # Goal ranges of check_transfer_scale.
 FPN_STD_RATIO_RANGE = (0.8, 1.2)  # converted / fresh std of each FPN level
@@ -68,84 +56,43 @@ class DatasetUnavailableError(TransferScaleError):
         self.dataset_name = dataset_name
 
 
-# ----------------------------------------------------------------------------------------------
-# Inputs
-
-
+# ---- Inputs --------------------------------------------------------------------------------------
 def _dataset_name(cfg, dataset_name: Optional[str]) -> str:
-    if dataset_name:
-        return dataset_name
-    for names in (cfg.DATASETS.TEST, cfg.DATASETS.TRAIN):
-        if len(names):
-            return names[0]
-    raise TransferScaleError(
-        "the config names no dataset (DATASETS.TEST and DATASETS.TRAIN are empty): give one"
-    )
+    names = ([dataset_name] if dataset_name else []) + list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    if not names:
+        raise TransferScaleError("the config names no dataset (DATASETS.TEST and DATASETS.TRAIN are empty): give one")
+    return names[0]
 
 
-def _load_dataset_dicts(cfg, name: str) -> List[dict]:
-    """detectron2 dataset dicts of ``name``; an LVIS_CUSTOM entry of the config is registered first."""
+def _mapped_inputs(cfg, name: str, num_images: int, seed: int) -> List[dict]:
+    """``num_images`` test-time mapped images of dataset ``name`` that keep a ground-truth box, drawn in
+    a seeded random order; an LVIS_CUSTOM entry of the config is registered first."""
     from detectron2.data import DatasetCatalog
 
     from drcl_d2.data.datasets import register_lvis_format
 
+    for entry in cfg.DATASETS.LVIS_CUSTOM:
+        if len(entry) == 3 and entry[0] == name and name not in DatasetCatalog.list():
+            register_lvis_format(name, entry[1], entry[2], cfg.DATASETS.LVIS_CUSTOM_PATH_RULE)
+    if name not in DatasetCatalog.list():
+        raise DatasetUnavailableError(name, "not registered (neither a detectron2 builtin nor in DATASETS.LVIS_CUSTOM)")
     try:
-        if name not in DatasetCatalog.list():
-            for entry in cfg.DATASETS.LVIS_CUSTOM:
-                if len(entry) == 3 and entry[0] == name:
-                    register_lvis_format(name, entry[1], entry[2], cfg.DATASETS.LVIS_CUSTOM_PATH_RULE)
-        if name not in DatasetCatalog.list():
-            raise DatasetUnavailableError(
-                name, "not registered (neither a detectron2 builtin nor in DATASETS.LVIS_CUSTOM)"
-            )
-        return list(DatasetCatalog.get(name))
-    except DatasetUnavailableError:
-        raise
+        dicts = list(DatasetCatalog.get(name))
     except Exception as e:  # noqa: BLE001 - any failure to read the dataset means "unavailable"
         raise DatasetUnavailableError(name, f"could not be loaded: {type(e).__name__}: {e}") from e
-
-
-def _test_time_mapper_with_boxes(cfg):
-    """detectron2's DatasetMapper with the test-time resize that keeps the ground-truth boxes.
-
-    ``DatasetMapper(cfg, is_train=False)`` drops the annotations; this is the same mapper (the
-    test augmentation, ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST), no flip, no crop) with the
-    annotation transform of training switched on, so ``instances.gt_boxes`` are in input pixels.
-    """
-    from detectron2.data import DatasetMapper
-
-    kwargs = DatasetMapper.from_config(cfg, is_train=False)
-    kwargs.update(is_train=True, use_instance_mask=False, use_keypoint=False, recompute_boxes=False)
-    kwargs.pop("keypoint_hflip_indices", None)
-    kwargs.pop("precomputed_proposal_topk", None)
-    return DatasetMapper(**kwargs)
-
-
-def _mapped_inputs(cfg, name: str, num_images: int, seed: int) -> List[dict]:
-    """``num_images`` mapped images of dataset ``name`` with at least one ground-truth box each.
-
-    Images are drawn in a seeded random order among those with a non-crowd annotation.
-    """
-    dicts = _load_dataset_dicts(cfg, name)
-    with_boxes = [
-        d for d in dicts if any(a.get("iscrowd", 0) == 0 for a in d.get("annotations", ()))
-    ]
+    with_boxes = images_with_boxes(dicts)
     if not with_boxes:
-        raise DatasetUnavailableError(
-            name, f"none of its {len(dicts)} images has a ground-truth box annotation"
-        )
+        raise DatasetUnavailableError(name, f"none of its {len(dicts)} images has a ground-truth box annotation")
     order = list(range(len(with_boxes)))
     random.Random(seed).shuffle(order)
-    mapper = _test_time_mapper_with_boxes(cfg)
+    mapper = test_time_mapper_with_boxes(cfg)
     inputs = []
     for i in order:
         try:
             mapped = mapper(with_boxes[i])
         except Exception as e:  # noqa: BLE001
-            file_name = with_boxes[i].get("file_name")
-            raise DatasetUnavailableError(
-                name, f"image {file_name} could not be read: {type(e).__name__}: {e}"
-            ) from e
+            raise DatasetUnavailableError(name, f"image {with_boxes[i].get('file_name')} could not be read: "
+                                                f"{type(e).__name__}: {e}") from e
         if len(mapped["instances"]):  # boxes can vanish when degenerate after the resize
             inputs.append(mapped)
         if len(inputs) == num_images:
@@ -155,10 +102,7 @@ def _mapped_inputs(cfg, name: str, num_images: int, seed: int) -> List[dict]:
     return inputs
 
 
-# ----------------------------------------------------------------------------------------------
-# Models
-
-
+# ---- Models --------------------------------------------------------------------------------------
 def _build_pair(cfg, weights_path: str, seed: int) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """(fresh, converted): one initialisation from ``seed``; the copy gets ``weights_path`` loaded."""
     from detectron2.checkpoint import DetectionCheckpointer
@@ -166,18 +110,14 @@ def _build_pair(cfg, weights_path: str, seed: int) -> Tuple[torch.nn.Module, tor
 
     from drcl_d2.engine.checkpoint import quiet_checkpoint_logs
 
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
+    try:
+        with seeded_rng(seed):
             fresh = build_model(cfg)
-        except Exception as e:  # noqa: BLE001
-            raise TransferScaleError(f"could not build the model: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001
+        raise TransferScaleError(f"could not build the model: {type(e).__name__}: {e}") from e
     if not all(hasattr(fresh, a) for a in ("backbone", "roi_heads", "preprocess_image")):
-        raise TransferScaleError(
-            f"{type(fresh).__name__} ({cfg.MODEL.META_ARCHITECTURE}) is not an R-CNN with "
-            "a backbone, RoI heads and preprocess_image: only Faster / Mask R-CNN are measured"
-        )
+        raise TransferScaleError(f"{type(fresh).__name__} ({cfg.MODEL.META_ARCHITECTURE}) is not an R-CNN with a "
+                                 "backbone, RoI heads and preprocess_image: only Faster / Mask R-CNN are measured")
     converted = copy.deepcopy(fresh)  # the same values as a second build from the same seed
     with quiet_checkpoint_logs():  # the conversion report already lists what loads where
         DetectionCheckpointer(converted, save_to_disk=False).load(weights_path)
@@ -185,40 +125,24 @@ def _build_pair(cfg, weights_path: str, seed: int) -> Tuple[torch.nn.Module, tor
 
 
 def _valid_values(maps: torch.Tensor, image_sizes: Sequence[Tuple[int, int]], stride: int) -> torch.Tensor:
-    """(N, C, H, W) maps of padded images -> (C, M) float64 values inside the images.
-
-    Image i covers the top-left :func:`drcl_d2.utils.unpadded_size` cells of its padded map;
-    M is the total of those cells over the batch.
-    """
-    from drcl_d2.utils import unpadded_size
-
-    channels = maps.shape[1]
-    parts = []
-    for i, (h, w) in enumerate(image_sizes):
-        rows, cols = unpadded_size(h, w, stride)
-        parts.append(maps[i, :, :rows, :cols].reshape(channels, -1))
-    return torch.cat(parts, dim=1).double()
+    """(N, C, H, W) maps of padded images -> (C, M) float64 values of the cells inside the images
+    (:func:`drcl_d2.utils.unpadded_size` of each)."""
+    cells = [unpadded_size(h, w, stride) for h, w in image_sizes]  # (rows, cols) per image
+    return torch.cat([maps[i, :, :r, :c].reshape(maps.shape[1], -1) for i, (r, c) in enumerate(cells)], dim=1).double()
 
 
 def _map_stats(values: torch.Tensor) -> Dict[str, float]:
     """values: (C, M) -> std of all values and the std over channels of the per-channel means."""
-    return {
-        "std": float(values.std()),
-        "channel_mean_spread": float(values.mean(dim=1).std()) if values.shape[0] > 1 else 0.0,
-    }
-
-
-def _first_stage(module):
-    """Cascade R-CNN keeps one box head / predictor per stage: measure the first."""
-    return module[0] if isinstance(module, torch.nn.ModuleList) else module
+    return {"std": float(values.std()),
+            "channel_mean_spread": float(values.mean(dim=1).std()) if values.shape[0] > 1 else 0.0}
 
 
 def _box_features(model, features: Dict[str, torch.Tensor], boxes: list) -> torch.Tensor:
     """The RoI box features the box predictor sees, on ``boxes`` -> (R, D)."""
     heads = model.roi_heads
-    if hasattr(heads, "box_pooler") and hasattr(heads, "box_head"):  # StandardROIHeads (FPN)
-        pooled = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)  # (R, C, S, S)
-        return _first_stage(heads.box_head)(pooled)  # (R, FC_DIM): "fc7"
+    fc7 = box_head_features(heads, features, boxes)  # StandardROIHeads (FPN): (R, FC_DIM)
+    if fc7 is not None:
+        return fc7
     if hasattr(heads, "_shared_roi_transform"):  # Res5ROIHeads (C4)
         res5 = heads._shared_roi_transform([features[f] for f in heads.in_features], boxes)  # (R, 2048, S, S)
         return res5.mean(dim=[2, 3])  # (R, 2048), as Res5ROIHeads feeds its predictor
@@ -227,26 +151,19 @@ def _box_features(model, features: Dict[str, torch.Tensor], boxes: list) -> torc
 
 @torch.no_grad()
 def _measure_model(model, predictor, inputs: List[dict]) -> Dict[str, Any]:
-    """Scales of one model on ``inputs``; ``predictor`` scores its box features.
-
-    The model is in training mode (batch statistics in BatchNorm); only the backbone, the RPN head,
-    the RoI pooler / box head and ``predictor`` run, so no loss is computed.
-    """
+    """Scales of one model on ``inputs``, in training mode (batch statistics in BatchNorm), without
+    losses: only the backbone, the RPN head, the RoI pooler / box head and ``predictor`` run."""
     model.train()
     predictor.train()
     images = model.preprocess_image(inputs)  # ImageList: tensor (N, 3, H_pad, W_pad)
     features = model.backbone(images.tensor)  # {name: (N, C, H_pad / s, W_pad / s)}
     shapes = model.backbone.output_shape()
-    out: Dict[str, Any] = {
-        "features": {
-            name: _map_stats(_valid_values(x, images.image_sizes, shapes[name].stride))
-            for name, x in features.items()
-        }
-    }
+    out: Dict[str, Any] = {"features": {name: _map_stats(_valid_values(x, images.image_sizes, shapes[name].stride))
+                                        for name, x in features.items()}}
     boxes = [d["instances"].gt_boxes for d in inputs]  # per image: Boxes (n_i, 4) XYXY input px
-    box_feats = _box_features(model, features, boxes).flatten(1)  # (R, D)
+    box_feats = _box_features(model, features, boxes)  # (R, D)
     out["fc7_norm"] = float(box_feats.double().norm(dim=1).mean())
-    scores = _first_stage(predictor)(box_feats)[0].double()  # (R, K + 1) logits
+    scores = first_stage(predictor)(box_feats)[0].double()  # (R, K + 1) logits
     out["cls_logit_std"] = float(scores.std())
     out["cls_logit_max_abs"] = float(scores.abs().max())
 
@@ -254,72 +171,38 @@ def _measure_model(model, predictor, inputs: List[dict]) -> Dict[str, Any]:
     out["rpn_objectness_std"] = None
     if rpn is not None and hasattr(rpn, "rpn_head"):
         logits, _ = rpn.rpn_head([features[f] for f in rpn.in_features])  # per level (N, A, Hi, Wi)
-        values = torch.cat(
-            [
-                _valid_values(x, images.image_sizes, shapes[f].stride).flatten()
-                for f, x in zip(rpn.in_features, logits)
-            ]
-        )
+        values = torch.cat([_valid_values(x, images.image_sizes, shapes[f].stride).flatten()
+                            for f, x in zip(rpn.in_features, logits)])
         out["rpn_objectness_std"] = float(values.std())
     return out
 
 
-def _ratio(converted: Optional[float], fresh: Optional[float]) -> Optional[float]:
-    if converted is None or fresh is None or fresh == 0:
-        return None
-    return converted / fresh
-
-
 def _ratios(converted: Any, fresh: Any) -> Any:
+    """converted / fresh through nested dicts; None where either is None or fresh is 0."""
     if isinstance(converted, Mapping):
         return {k: _ratios(converted[k], fresh[k]) for k in converted}
-    return _ratio(converted, fresh)
+    return None if converted is None or fresh is None or fresh == 0 else converted / fresh
 
 
-# ----------------------------------------------------------------------------------------------
-# API
+# ---- API -----------------------------------------------------------------------------------------
+def measure_transfer_scale(cfg, weights_path: str, *, dataset_name: Optional[str] = None, num_images: int = 4,
+                           seed: int = 0) -> Dict[str, Any]:
+    """The activation scales of ``cfg``'s detector (Faster / Mask R-CNN, FPN or C4; ``cfg`` is not
+    modified) as initialised on CPU from torch seed ``seed`` ("fresh"; the caller's RNG state is kept)
+    and with ``weights_path`` loaded over that init by DetectionCheckpointer ("converted"). Both run in
+    training mode (BatchNorm on batch statistics, as in the first fine-tuning iterations) under no_grad
+    without losses on the same ``num_images`` test-time-resized images of ``dataset_name`` (default
+    DATASETS.TEST[0], else TRAIN[0]; an LVIS_CUSTOM entry is registered); the logits of both come
+    from the fresh box predictor, the one fine-tuning starts from. Returns::
 
+        {"weights", "dataset", "seed", "arch" ("fpn" | "c4"), "num_images", "num_boxes", "image_ids",
+         "input_sizes" ([h, w] per image), "normalization",
+         "fresh" / "converted": {"features": {level: {"std", "channel_mean_spread"}}, "fc7_norm",
+                                 "cls_logit_std", "cls_logit_max_abs", "rpn_objectness_std" (None without RPN)},
+         "ratio": the structure of "fresh", converted / fresh (None where fresh is 0)}
 
-def measure_transfer_scale(
-    cfg,
-    weights_path: str,
-    *,
-    dataset_name: Optional[str] = None,
-    num_images: int = 4,
-    seed: int = 0,
-) -> Dict[str, Any]:
-    """Measure the activation scales of ``weights_path`` loaded into ``cfg``'s detector.
-
-    Two detectors are built from ``cfg`` on CPU from torch seed ``seed`` (the global RNG state is
-    left as it was): "fresh" (as initialised) and "converted" (``weights_path`` loaded with
-    DetectionCheckpointer; what the file does not hold keeps the same initialisation as fresh).
-    Both run, in training mode so that BatchNorm uses batch statistics as in the first
-    fine-tuning iterations, but under ``torch.no_grad`` and without computing losses, on the same
-    ``num_images`` images of ``dataset_name`` (default: ``cfg.DATASETS.TEST[0]``, else
-    ``cfg.DATASETS.TRAIN[0]``; a ``DATASETS.LVIS_CUSTOM`` entry is registered), resized as at test
-    time (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``) with their ground-truth boxes scaled alike.
-    The classification logits of both come from the fresh model's box predictor, the one
-    fine-tuning starts from.
-
-    Args:
-        cfg: a detectron2 config of a Faster / Mask R-CNN (FPN or C4); not modified.
-        weights_path: the converted weights (``.pkl`` or ``.pth``).
-
-    Returns:
-        A JSON-serialisable dict::
-
-            {"weights", "dataset", "seed", "arch" ("fpn" | "c4"), "num_images", "num_boxes",
-             "image_ids", "input_sizes" ([h, w] per image), "normalization",
-             "fresh" / "converted": {
-                 "features": {level: {"std", "channel_mean_spread"}},  # p2..p6 (FPN) or res4 (C4)
-                 "fc7_norm",             # mean L2 norm of the box features per GT box
-                 "cls_logit_std", "cls_logit_max_abs",  # fresh predictor on those features
-                 "rpn_objectness_std"},  # None without an RPN
-             "ratio": the same structure as "fresh", converted / fresh (None where fresh is 0)}
-
-    Raises:
-        DatasetUnavailableError: the dataset is not registered, cannot be read or has no boxes.
-        TransferScaleError: the config's model is not a supported R-CNN.
+    Raises DatasetUnavailableError (dataset not registered, unreadable or without boxes) and
+    TransferScaleError (not a supported R-CNN).
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
@@ -335,40 +218,25 @@ def measure_transfer_scale(
     predictor_copy = copy.deepcopy(predictor)  # the same weights for both runs
     measured_fresh = _measure_model(fresh, predictor, inputs)
     measured_converted = _measure_model(converted, predictor_copy, inputs)
-    return {
-        "weights": str(weights_path),
-        "dataset": name,
-        "seed": seed,
-        "arch": "fpn" if hasattr(fresh.backbone, "bottom_up") else "c4",
-        "num_images": len(inputs),
-        "num_boxes": sum(len(d["instances"]) for d in inputs),
-        "image_ids": [d.get("image_id") for d in inputs],
-        "input_sizes": [list(d["image"].shape[-2:]) for d in inputs],
-        "normalization": NORMALIZATION_NOTE,
-        "fresh": measured_fresh,
-        "converted": measured_converted,
-        "ratio": _ratios(measured_converted, measured_fresh),
-    }
+    return dict(weights=str(weights_path), dataset=name, seed=seed,
+                arch="fpn" if hasattr(fresh.backbone, "bottom_up") else "c4", num_images=len(inputs),
+                num_boxes=sum(len(d["instances"]) for d in inputs), image_ids=[d.get("image_id") for d in inputs],
+                input_sizes=[list(d["image"].shape[-2:]) for d in inputs], normalization=NORMALIZATION_NOTE,
+                fresh=measured_fresh, converted=measured_converted, ratio=_ratios(measured_converted, measured_fresh))
 
 
 def _fmt(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
-def check_transfer_scale(
-    result: Mapping[str, Any],
-    *,
-    fpn_std_ratio_range: Tuple[float, float] = FPN_STD_RATIO_RANGE,
-    fc7_norm_ratio_max: float = FC7_NORM_RATIO_MAX,
-    max_abs_cls_logit: float = MAX_ABS_CLS_LOGIT,
-) -> List[str]:
-    """Warnings for the scales of :func:`measure_transfer_scale`'s ``result`` outside the goal.
-
-    Goals: each FPN level's std within ``fpn_std_ratio_range`` of the fresh model's; the box
-    features' norm at most ``fc7_norm_ratio_max`` times the fresh one; the fresh classifier's
-    max |logit| on the converted box features below ``max_abs_cls_logit``. C4 backbone features
-    are reported but not checked. Non-finite values are always warned about.
-    """
+def check_transfer_scale(result: Mapping[str, Any], *, fpn_std_ratio_range: Tuple[float, float] = FPN_STD_RATIO_RANGE,
+                         fc7_norm_ratio_max: float = FC7_NORM_RATIO_MAX,
+                         max_abs_cls_logit: float = MAX_ABS_CLS_LOGIT) -> List[str]:
+    """Warnings for the scales of :func:`measure_transfer_scale`'s ``result`` outside the goals: each
+    FPN level's std within ``fpn_std_ratio_range`` of the fresh model's; the box features' norm at most
+    ``fc7_norm_ratio_max`` times the fresh one; the fresh classifier's max |logit| on the converted box
+    features below ``max_abs_cls_logit``. C4 backbone features are not checked; non-finite values
+    are always warned about."""
     fresh, converted, ratio = result["fresh"], result["converted"], result["ratio"]
     warnings: List[str] = []
     lo, hi = fpn_std_ratio_range
@@ -411,24 +279,17 @@ def format_scale_table(result: Mapping[str, Any]) -> str:
     rows = []
     for level in fresh["features"]:
         for key, label in (("std", "std"), ("channel_mean_spread", "channel-mean spread")):
-            goal = f"ratio {lo:g}-{hi:g}" if fpn and key == "std" else ""
-            rows.append([
-                f"{'FPN ' if fpn else ''}{level} {label}",
-                _fmt(fresh["features"][level][key]),
-                _fmt(converted["features"][level][key]),
-                _fmt(ratio["features"][level][key]),
-                goal,
-            ])
-    rows.append(["box head fc7 L2 norm / box" if fpn else "res5 box feature L2 norm / box",
-                 _fmt(fresh["fc7_norm"]), _fmt(converted["fc7_norm"]), _fmt(ratio["fc7_norm"]),
-                 f"ratio <= {FC7_NORM_RATIO_MAX:g}"])
-    rows.append(["classifier logit std", _fmt(fresh["cls_logit_std"]),
-                 _fmt(converted["cls_logit_std"]), _fmt(ratio["cls_logit_std"]), ""])
-    rows.append(["classifier max |logit|", _fmt(fresh["cls_logit_max_abs"]),
-                 _fmt(converted["cls_logit_max_abs"]), _fmt(ratio["cls_logit_max_abs"]),
-                 f"converted < {MAX_ABS_CLS_LOGIT:g}"])
-    rows.append(["RPN objectness logit std", _fmt(fresh["rpn_objectness_std"]),
-                 _fmt(converted["rpn_objectness_std"]), _fmt(ratio["rpn_objectness_std"]), ""])
+            rows.append([f"{'FPN ' if fpn else ''}{level} {label}"]
+                        + [_fmt(r["features"][level][key]) for r in (fresh, converted, ratio)]
+                        + [f"ratio {lo:g}-{hi:g}" if fpn and key == "std" else ""])
+    for label, key, goal in (
+        ("box head fc7 L2 norm / box" if fpn else "res5 box feature L2 norm / box", "fc7_norm",
+         f"ratio <= {FC7_NORM_RATIO_MAX:g}"),
+        ("classifier logit std", "cls_logit_std", ""),
+        ("classifier max |logit|", "cls_logit_max_abs", f"converted < {MAX_ABS_CLS_LOGIT:g}"),
+        ("RPN objectness logit std", "rpn_objectness_std", ""),
+    ):
+        rows.append([label] + [_fmt(r[key]) for r in (fresh, converted, ratio)] + [goal])
     title = (
         f"transfer scale on {result['num_images']} images ({result['num_boxes']} ground-truth boxes) "
         f"of {result['dataset']}, fresh vs converted model (seed {result['seed']}):\n"
@@ -442,12 +303,8 @@ def format_scale_table(result: Mapping[str, Any]) -> str:
 
 def report_transfer_scale(cfg, weights_path: str, dataset_name: Optional[str], num_images: int) -> Optional[Dict[str, Any]]:
     """Measure, print and save (``<weights_path>.scale.json``) the transfer scale of converted weights.
-
     When it cannot be measured it prints why, removes an outdated json and returns None: the
-    conversion stands. Warnings go to the log and to stdout, never to an exit status.
-    """
-    from drcl_d2.utils import atomic_write_json
-
+    conversion stands. Warnings go to the log and to stdout, never to an exit status."""
     logger = logging.getLogger(__name__)
     json_path = weights_path + ".scale.json"
     try:

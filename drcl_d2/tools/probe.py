@@ -4,50 +4,35 @@
         [--max-train-images N] [--max-test-images N] [--k 20] [--temperature 0.07] [--batch-size 8] \
         [--seed 0] [--output probe.json] [KEY VALUE ...]
 
-The detector is built from CFG (trailing KEY VALUE pairs override it, as in detectron2's tools;
-datasets of DATASETS.LVIS_CUSTOM are registered) and W is loaded into it: a converted ``.pkl``
-(drcl-convert), a ``model_final.pth``, or ``""`` for a random-init model (the scratch baseline,
-seeded with --seed). MODEL.WEIGHTS of the config is not used. The datasets default to
-DATASETS.TRAIN[0] and DATASETS.TEST[0]; each takes its first N images that have a ground-truth box.
+The detector of CFG (KEY VALUE pairs override it; DATASETS.LVIS_CUSTOM is registered) gets W: a
+converted ``.pkl`` (drcl-convert), a ``model_final.pth``, or ``""`` for a random init seeded with
+--seed (the scratch baseline); MODEL.WEIGHTS is not used. The datasets (default DATASETS.TRAIN[0]
+and TEST[0]) give their first N images with a ground-truth box, resized as at test time
+(INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) and run in eval mode without gradients, --batch-size at a
+time. Every non-crowd ground-truth box gives two features:
 
-Every image goes through the test-time pipeline (detectron2's ``DatasetMapper(cfg, is_train=False)``
-augmentations: ResizeShortestEdge to INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST), the model in eval mode,
-without gradients, batches of --batch-size images. For every ground-truth box (crowd boxes are
-left out), rescaled to the input size, two features are taken:
+* ``backbone``: RoIAlign (7x7, ROI_BOX_HEAD.POOLER_TYPE / POOLER_SAMPLING_RATIO) on the ResNet's
+  deepest stage (res5, else res4), averaged over the 7x7; comparable across every start (MoCo v2
+  and DetCo transfer only the ResNet).
+* ``box_head``: the detector's box pooler over ROI_HEADS.IN_FEATURES and its box head, "fc7"
+  (ROI_BOX_HEAD.FC_DIM wide); only meaningful for starts that transfer the box head (2DRCL) or
+  fine-tuned detectors, random otherwise.
 
-* ``backbone``: RoIAlign (detectron2's ROIPooler, 7x7, ROI_BOX_HEAD.POOLER_TYPE and
-  POOLER_SAMPLING_RATIO) on the deepest stage of the ResNet (``backbone.bottom_up``: res5 when it
-  outputs it, else res4), average-pooled over the 7x7. Comparable across every start: MoCo v2 and
-  DetCo transfer only the ResNet.
-* ``box_head``: the detector's own box pooler over ROI_HEADS.IN_FEATURES (the FPN levels) and its
-  box head, "fc7" (ROI_BOX_HEAD.FC_DIM wide). Only meaningful for starts that transfer the box head
-  (2DRCL) or fine-tuned detectors; random otherwise.
+Features are L2-normalised; each test RoI takes the k train RoIs of highest cosine similarity, which
+vote with weights exp(similarity / T) (weighted kNN of InstDisc / DINO, T = 0.07; --temperature 0: a
+plain majority); the largest vote wins (ties: the lowest class index). Per feature: top-1 accuracy
+(``acc``) and per LVIS frequency group of the category (``acc_r/c/f``: its ``frequency`` in the
+dataset's json), mean per-class accuracy over the test classes (``mean_class_acc``,
+``mean_class_acc_r/c/f``: a rare class counts as much as a frequent one), "layer", "dim",
+"num_train", "num_test", "num_test_r/c/f", "num_test_classes" and "num_test_unseen" (test RoIs whose
+class has no train RoI: never right); null for a group without test RoIs. Deterministic: fixed image
+order, seeded init, no sampling.
 
-Probe: features are L2-normalised; each test RoI takes the k train RoIs of highest cosine
-similarity and votes with weights exp(similarity / T) (weighted kNN of InstDisc / DINO, T = 0.07;
---temperature 0 gives a plain majority vote); the class with the largest vote wins (ties: the
-lowest class index). Reported per feature: top-1 accuracy over all test RoIs (``acc``) and per
-LVIS frequency group of the RoI's category (``acc_r`` / ``acc_c`` / ``acc_f``: the category's
-``frequency`` in the dataset's json), and mean per-class accuracy (``mean_class_acc`` and
-``mean_class_acc_r/c/f``: accuracy averaged over the classes present in the test RoIs, so that a
-rare class counts as much as a frequent one). A group without test RoIs gets ``null``. Everything
-is deterministic: fixed image order, seeded init, no sampling.
-
-A table is printed and a json written (atomically)::
-
-    {"backbone": {"layer": "res5", "dim": 512, "acc": .., "acc_r": .., "acc_c": .., "acc_f": ..,
-                  "mean_class_acc": .., "mean_class_acc_r": .., "mean_class_acc_c": ..,
-                  "mean_class_acc_f": .., "num_train": .., "num_test": .., "num_test_r": ..,
-                  "num_test_c": .., "num_test_f": .., "num_test_classes": ..,
-                  "num_test_unseen": ..},
-     "box_head": {...same keys, "layer": "fc7"...},
-     "weights": W, "config": CFG, "train_dataset": .., "test_dataset": .., "num_train_images": ..,
-     "num_test_images": .., "k": .., "temperature": .., "seconds": ..}
-
-``num_test_unseen`` counts test RoIs whose class has no train RoI (they can never be right).
-The Python entry point is :func:`run_probe`. A missing weights file, a dataset name that is not
-registered, or a dataset without box annotations raises ValueError naming it; the command line
-prints the message and exits with status 2. Runs on CPU when CUDA is absent.
+A table is printed and a json written atomically: {"backbone": {...}, "box_head": {...}, "weights",
+"config", "train_dataset", "test_dataset", "num_train_images", "num_test_images", "k", "temperature",
+"seconds"}. A missing weights file or a dataset that is not registered or has no box annotations:
+a ValueError naming it (:func:`run_probe`), exit status 2 on the command line. Runs on CPU when CUDA
+is absent.
 """
 from __future__ import annotations
 
@@ -66,19 +51,13 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.checkpoint import atomic_write_text
+from ..utils import seeded_rng
+from .gt_box_features import box_head_features, images_with_boxes, test_time_mapper_with_boxes
 
 logger = logging.getLogger("drcl_d2.probe")
 
-__all__ = [
-    "FEATURES",
-    "RoIFeatures",
-    "run_probe",
-    "extract_roi_features",
-    "knn_predict",
-    "probe_metrics",
-    "category_groups",
-    "main",
-]
+__all__ = ["FEATURES", "RoIFeatures", "run_probe", "extract_roi_features", "knn_predict", "probe_metrics",
+           "category_groups", "main"]
 
 FEATURES = ("backbone", "box_head")
 GROUPS = ("r", "c", "f")
@@ -105,13 +84,7 @@ class RoIFeatures:
                            self.image_index[keep], self.layers)
 
 
-# ---------------------------------------------------------------------------------------------
-# datasets
-# ---------------------------------------------------------------------------------------------
-def _is_crowd(ann: dict) -> bool:
-    return bool(ann.get("iscrowd", 0))
-
-
+# ---- datasets, model and features ----------------------------------------------------------------
 def _load_dataset(name: str, max_images: int | None) -> list[dict]:
     """The first max_images images (all when None) of a registered dataset that have a gt box."""
     from detectron2.data import DatasetCatalog
@@ -120,20 +93,17 @@ def _load_dataset(name: str, max_images: int | None) -> list[dict]:
         raise ValueError(f"dataset {name!r} is not registered (add [name, json_file, image_root] to "
                          "DATASETS.LVIS_CUSTOM, or use a detectron2 builtin name)")
     dicts = DatasetCatalog.get(name)
-    with_boxes = [d for d in dicts if any(not _is_crowd(a) for a in d.get("annotations", ()))]
+    with_boxes = images_with_boxes(dicts)
     if not with_boxes:
         raise ValueError(f"dataset {name!r} has no annotations (no non-crowd ground-truth box in its "
                          f"{len(dicts)} images; an unlabeled image folder?): the probe needs labeled boxes")
-    return with_boxes if max_images is None else with_boxes[:max_images]
+    return with_boxes[:max_images]
 
 
 def category_groups(dataset_names: Sequence[str]) -> list | None:
-    """LVIS frequency ("r" / "c" / "f") per contiguous category id, from the first dataset that has it.
-
-    Read from the metadata drcl_d2 registers (``category_frequencies``), else from the
-    ``frequency`` field of the categories in the metadata's ``json_file`` (detectron2's builtin
-    LVIS splits). None when no dataset has them (e.g. COCO): the per-group numbers are then null.
-    """
+    """LVIS frequency ("r" / "c" / "f") per contiguous category id, from the first dataset that has
+    it: its metadata's ``category_frequencies`` (drcl_d2's datasets), else the ``frequency`` of the
+    categories in its ``json_file`` (detectron2's builtin LVIS). None when none has them (COCO)."""
     from detectron2.data import MetadataCatalog
 
     for name in dataset_names:
@@ -144,16 +114,12 @@ def category_groups(dataset_names: Sequence[str]) -> list | None:
         json_file = getattr(meta, "json_file", None)
         if json_file and os.path.isfile(json_file):
             with open(json_file) as f:
-                categories = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
-            freqs = [c.get("frequency") for c in categories]
+                freqs = [c.get("frequency") for c in sorted(json.load(f).get("categories", []), key=lambda c: c["id"])]
             if freqs and all(f in GROUPS for f in freqs):
                 return freqs
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# model and features
-# ---------------------------------------------------------------------------------------------
 def _check_weights(weights: str) -> None:
     """A local weights path must exist (URLs and detectron2:// names are left to PathManager)."""
     if weights and "://" not in weights and not os.path.isfile(weights):
@@ -165,11 +131,7 @@ def _build_model(cfg, weights: str, seed: int):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    import drcl_d2.modeling  # noqa: F401  (registers drcl_d2's meta-architectures)
-
-    _check_weights(weights)
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
-        torch.manual_seed(seed)  # the random-init baseline (and any head the weights lack) is reproducible
+    with seeded_rng(seed):  # the random-init baseline (and any head the weights lack) is reproducible
         model = build_model(cfg)
     if not hasattr(model, "backbone") or not hasattr(model, "preprocess_image"):
         raise ValueError(f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} has no backbone / "
@@ -181,107 +143,53 @@ def _build_model(cfg, weights: str, seed: int):
     return model.eval()
 
 
-def _bottom_up(model):
-    """The ResNet of the detector: backbone.bottom_up of FPN models, the backbone itself otherwise."""
-    return getattr(model.backbone, "bottom_up", model.backbone)
-
-
-def _deepest_stage(bottom_up) -> str:
-    stages = bottom_up.output_shape()
-    for name in ("res5", "res4"):
-        if name in stages:
-            return name
-    raise ValueError(f"the backbone outputs {sorted(stages)}: the probe needs res4 or res5")
-
-
-def _box_head_parts(model):
-    """(box pooler, box head, in_features) of StandardROIHeads-like heads, or None."""
-    roi_heads = getattr(model, "roi_heads", None)
-    box_head = getattr(roi_heads, "box_head", None)
-    if box_head is None or not hasattr(roi_heads, "box_pooler"):
-        return None
-    if isinstance(box_head, torch.nn.ModuleList):  # CascadeROIHeads: its first stage
-        box_head = box_head[0]
-    return roi_heads.box_pooler, box_head, list(roi_heads.box_in_features)
-
-
-def _read_batch(mapper, dataset_dicts: list[dict], device) -> tuple[list[dict], list, list[torch.Tensor]]:
-    """Images through the test-time augmentations; gt boxes in input pixels; their labels."""
-    from detectron2.data import detection_utils as utils
-    from detectron2.data import transforms as T
-    from detectron2.structures import Boxes, BoxMode
-
-    inputs, boxes, labels = [], [], []
-    for d in dataset_dicts:
-        image = utils.read_image(d["file_name"], format=mapper.image_format)  # (H, W, 3) uint8
-        utils.check_image_size(d, image)
-        aug_input = T.AugInput(image)
-        transforms = mapper.augmentations(aug_input)  # ResizeShortestEdge(MIN/MAX_SIZE_TEST)
-        image = aug_input.image  # (h, w, 3)
-        anns = [a for a in d["annotations"] if not _is_crowd(a)]
-        xyxy = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
-                        dtype=np.float64).reshape(-1, 4)
-        gt = Boxes(torch.as_tensor(transforms.apply_box(xyxy), dtype=torch.float32))  # (n, 4) input px
-        gt.clip(image.shape[:2])
-        inputs.append({"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))})  # (3, h, w)
-        boxes.append(gt.to(device))
-        labels.append(torch.tensor([a["category_id"] for a in anns], dtype=torch.int64))
-    return inputs, boxes, labels
-
-
 @torch.no_grad()
 def extract_roi_features(cfg, model, dataset_dicts: list[dict], batch_size: int = DEFAULT_BATCH_SIZE,
                          desc: str = "probe") -> RoIFeatures:
     """"backbone" and "box_head" features of every non-crowd gt box of dataset_dicts (model in eval)."""
-    from detectron2.data import DatasetMapper
     from detectron2.modeling.poolers import ROIPooler
     from tqdm import tqdm
 
-    mapper = DatasetMapper(cfg, is_train=False)  # only its image format and test augmentations are used
-    bottom_up = _bottom_up(model)
-    stage = _deepest_stage(bottom_up)
-    stage_pooler = ROIPooler(
-        output_size=BACKBONE_POOL_SIZE,
-        scales=(1.0 / bottom_up.output_shape()[stage].stride,),
-        sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
-        pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
-    )
-    box_parts = _box_head_parts(model)
-    layers = {"backbone": stage}
-    if box_parts is None:
-        logger.warning(f"{type(model.roi_heads).__name__} has no box_pooler/box_head: only 'backbone' is probed")
-    else:
-        layers["box_head"] = "fc7"
+    mapper = test_time_mapper_with_boxes(cfg)
+    bottom_up = getattr(model.backbone, "bottom_up", model.backbone)  # the ResNet (FPN: its bottom-up)
+    stages = bottom_up.output_shape()
+    stage = next((s for s in ("res5", "res4") if s in stages), None)
+    if stage is None:
+        raise ValueError(f"the backbone outputs {sorted(stages)}: the probe needs res4 or res5")
+    stage_pooler = ROIPooler(output_size=BACKBONE_POOL_SIZE, scales=(1.0 / stages[stage].stride,),
+                             sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+                             pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE)
     device = next(model.parameters()).device
-
     resnet_outputs = {}  # the ResNet's stage maps of the current batch, caught on their way into the FPN
     hook = bottom_up.register_forward_hook(lambda module, args, output: resnet_outputs.update(output))
-    chunks = {name: [] for name in layers}
-    all_labels, image_index = [], []
+    chunks, all_labels, image_index = {"backbone": []}, [], []
     try:
         for start in tqdm(range(0, len(dataset_dicts), batch_size), desc=desc, unit="batch", file=sys.stderr):
-            batch = dataset_dicts[start:start + batch_size]
-            inputs, boxes, labels = _read_batch(mapper, batch, device)
+            inputs = [mapper(d) for d in dataset_dicts[start:start + batch_size]]  # "instances": gt in input px
+            boxes = [x["instances"].gt_boxes.to(device) for x in inputs]
             images = model.preprocess_image(inputs)  # ImageList (B, 3, H, W), normalised and padded
             resnet_outputs.clear()
             features = model.backbone(images.tensor)  # FPN: {"p2".."p6"}; C4: {"res4"}
             pooled = stage_pooler([resnet_outputs[stage]], boxes)  # (R, C, 7, 7)
             chunks["backbone"].append(pooled.mean(dim=(2, 3)).float().cpu())  # (R, C)
-            if box_parts is not None:
-                box_pooler, box_head, in_features = box_parts
-                x = box_pooler([features[f] for f in in_features], boxes)  # (R, C_fpn, 7, 7)
-                chunks["box_head"].append(box_head(x).flatten(1).float().cpu())  # (R, FC_DIM)
-            all_labels += labels
-            image_index += [torch.full((len(lab),), start + i, dtype=torch.int64) for i, lab in enumerate(labels)]
+            fc7 = box_head_features(getattr(model, "roi_heads", None), features, boxes)  # (R, FC_DIM) or None
+            if fc7 is not None:
+                chunks.setdefault("box_head", []).append(fc7.float().cpu())
+            all_labels += [x["instances"].gt_classes for x in inputs]
+            image_index += [torch.full((len(x["instances"]),), start + i, dtype=torch.int64)
+                            for i, x in enumerate(inputs)]
     finally:
         hook.remove()
+    layers = {"backbone": stage}
+    if "box_head" in chunks:
+        layers["box_head"] = "fc7"
+    else:
+        logger.warning(f"{type(model.roi_heads).__name__} has no box_pooler/box_head: only 'backbone' is probed")
     return RoIFeatures({name: torch.cat(c) for name, c in chunks.items()}, torch.cat(all_labels),
                        torch.cat(image_index), layers)
 
 
-# ---------------------------------------------------------------------------------------------
-# kNN and metrics
-# ---------------------------------------------------------------------------------------------
+# ---- kNN and metrics -----------------------------------------------------------------------------
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                 k: int, num_classes: int, temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:
     """Weighted kNN on cosine similarity: (M,) predicted classes of the (M, D) test features.
@@ -340,9 +248,7 @@ def probe_metrics(predictions: torch.Tensor, labels: torch.Tensor, groups: list 
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# the probe
-# ---------------------------------------------------------------------------------------------
+# ---- the probe -----------------------------------------------------------------------------------
 def _num_classes(cfg, dataset_names: Sequence[str]) -> int:
     from detectron2.data import MetadataCatalog
 
@@ -357,26 +263,11 @@ def run_probe(cfg, weights: str, train_dataset: str | None = None, test_dataset:
               max_train_images: int | None = None, max_test_images: int | None = None,
               k: int = DEFAULT_K, *, temperature: float = DEFAULT_TEMPERATURE,
               batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> dict:
-    """kNN-probe the "backbone" and "box_head" RoI features of cfg's detector loaded with weights.
-
-    Args:
-        cfg: a detectron2 config with drcl_d2's keys (e.g. from drcl_d2.utils.load_config); the
-            datasets of its DATASETS.LVIS_CUSTOM are registered here if they are not yet.
-        weights: detectron2 weights (.pkl / .pth), or "" for a random-init model.
-        train_dataset / test_dataset: registered names; None = DATASETS.TRAIN[0] / TEST[0].
-        max_train_images / max_test_images: first N images with a gt box; None = all.
-        k: neighbours; temperature: vote weight exp(sim / T), 0 = majority vote.
-        batch_size: images per forward pass; seed: torch seed of the model's random init.
-
-    Returns:
-        {feature: {"layer", "dim", "acc", "acc_r", "acc_c", "acc_f", "mean_class_acc",
-        "mean_class_acc_r/c/f", "num_train", "num_test", "num_test_r/c/f", "num_test_classes",
-        "num_test_unseen"}, "weights", "train_dataset", "test_dataset", "num_train_images",
-        "num_test_images", "k", "temperature", "seconds"}.
-
-    Raises:
-        ValueError: weights file missing, dataset not registered or without boxes, bad k.
-    """
+    """kNN-probe the "backbone" and "box_head" RoI features of cfg's detector (drcl_d2's keys; its
+    DATASETS.LVIS_CUSTOM is registered) loaded with weights ("" = random init, seeded with seed), as
+    the module's doc describes; train_dataset / test_dataset default to DATASETS.TRAIN[0] / TEST[0],
+    max_train_images / max_test_images to all. ValueError: weights file missing, dataset not
+    registered or without boxes, bad k."""
     from drcl_d2.data.datasets import register_datasets_from_config
 
     _check_weights(weights)  # before any image is read
@@ -425,22 +316,13 @@ def run_probe(cfg, weights: str, train_dataset: str | None = None, test_dataset:
     if unseen:
         logger.info(f"{unseen} of {len(test.labels)} test RoIs have a class without train RoIs: they "
                     "cannot be classified right (more --max-train-images gives them a chance)")
-    result.update({
-        "weights": weights,
-        "train_dataset": train_dataset,
-        "test_dataset": test_dataset,
-        "num_train_images": len(train_dicts),
-        "num_test_images": len(test_dicts),
-        "k": int(k),
-        "temperature": float(temperature),
-        "seconds": time.perf_counter() - start_time,
-    })
+    result.update(weights=weights, train_dataset=train_dataset, test_dataset=test_dataset,
+                  num_train_images=len(train_dicts), num_test_images=len(test_dicts), k=int(k),
+                  temperature=float(temperature), seconds=time.perf_counter() - start_time)
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
+# ---- command line --------------------------------------------------------------------------------
 def format_table(result: dict) -> str:
     """The probe's numbers as a text table (accuracies in %)."""
     from tabulate import tabulate
@@ -448,13 +330,11 @@ def format_table(result: dict) -> str:
     def pct(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
+    metrics = [f"{m}{g}" for m in ("acc", "mean_class_acc") for g in ("", "_r", "_c", "_f")]
     rows = []
-    for name in FEATURES:
-        if name in result:
-            r = result[name]
-            rows.append([name, r["layer"], r["dim"], pct(r["acc"]), pct(r["acc_r"]), pct(r["acc_c"]),
-                         pct(r["acc_f"]), pct(r["mean_class_acc"]), pct(r["mean_class_acc_r"]),
-                         pct(r["mean_class_acc_c"]), pct(r["mean_class_acc_f"]), r["num_train"], r["num_test"]])
+    for name in (n for n in FEATURES if n in result):
+        r = result[name]
+        rows.append([name, r["layer"], r["dim"], *(pct(r[m]) for m in metrics), r["num_train"], r["num_test"]])
     headers = ["feature", "layer", "dim", "acc", "acc_r", "acc_c", "acc_f",
                "mAcc", "mAcc_r", "mAcc_c", "mAcc_f", "train RoIs", "test RoIs"]
     return tabulate(rows, headers=headers, tablefmt="pipe")

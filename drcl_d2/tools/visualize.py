@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from drcl_d2.utils import load_config, unpadded_size
+from drcl_d2.utils import load_config, seeded_rng, unpadded_size
 
 from .plots import PlotResult, labeled_paths, new_figure, save_png
 
@@ -28,24 +28,21 @@ RESNET_STAGES = ("res2", "res3", "res4", "res5")
 
 
 def _predictor(config: str, opts: Sequence[str], seed: int = 0):
-    """DefaultPredictor on CPU without weights (each figure loads its own); seeded without disturbing
-    the caller's RNG, so the heads a checkpoint lacks start the same on every call."""
+    """DefaultPredictor on CPU without weights (each figure loads its own), seeded: the heads a
+    checkpoint lacks start the same on every call."""
     from detectron2.engine import DefaultPredictor
 
     cfg = load_config(config, opts, device="cpu")
     cfg.MODEL.WEIGHTS = ""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         return DefaultPredictor(cfg)
 
 
 def load_weights(model, path: str, label: str, backbone_prefix: str | None = None) -> dict:
-    """Load ``path`` into ``model`` with DetectionCheckpointer and report what it set.
-
-    Works for detectron2 .pth, drcl-convert / model-zoo .pkl (suffix matching) and this project's
-    pretraining checkpoints (their online modules carry GeneralizedRCNN names). With
-    ``backbone_prefix``, a ValueError when no backbone tensor loaded or a backbone shape differs.
-    """
+    """Load ``path`` into ``model`` with DetectionCheckpointer and report what it set: detectron2 .pth,
+    drcl-convert / model-zoo .pkl (suffix matching), this project's pretraining checkpoints (their online
+    modules carry GeneralizedRCNN names). With ``backbone_prefix``, a ValueError when no backbone
+    tensor loaded or a backbone shape differs."""
     from drcl_d2.engine.checkpoint import AtomicDetectionCheckpointer, quiet_checkpoint_logs
 
     if not os.path.isfile(path):
@@ -83,32 +80,28 @@ def load_weights(model, path: str, label: str, backbone_prefix: str | None = Non
     return report
 
 
-def _dataset(dataset_json: str | None, image_root: str | None) -> str | None:
-    """``dataset_json`` registered as an LVIS-format dataset (nothing is read yet), by name."""
-    from ..data.datasets import register_lvis_format
-
-    if not dataset_json:
-        return None
-    root = image_root if image_root is not None else os.path.dirname(os.path.abspath(dataset_json))
-    name = f"drcl_plots:{os.path.abspath(dataset_json)}:{os.path.abspath(root)}"
-    register_lvis_format(name, dataset_json, root, check_files=False)
-    return name
-
-
-def _image_paths(images, dataset: str | None, num_images: int) -> list[str]:
-    """The images to draw: explicit files, or the first ``num_images`` of a registered dataset."""
+def _images(images, dataset_json: str | None, image_root: str | None,
+            num_images: int) -> tuple[list[str], str | None]:
+    """(paths, dataset): the explicit image files, or the first ``num_images`` of ``dataset_json``
+    registered as an LVIS-format dataset (by that name; None for files)."""
     from detectron2.data import DatasetCatalog
 
-    if bool(images) == bool(dataset):
+    from ..data.datasets import name_some, register_lvis_format
+
+    if bool(images) == bool(dataset_json):
         raise ValueError("give either --images PATH ... or --dataset-json J [--image-root R]")
-    if dataset and num_images <= 0:
-        raise ValueError(f"--num-images must be > 0, got {num_images}")
+    dataset = None
+    if dataset_json:
+        if num_images <= 0:
+            raise ValueError(f"--num-images must be > 0, got {num_images}")
+        root = image_root if image_root is not None else os.path.dirname(os.path.abspath(dataset_json))
+        dataset = f"drcl_plots:{os.path.abspath(dataset_json)}:{os.path.abspath(root)}"
+        register_lvis_format(dataset, dataset_json, root, check_files=False)
     paths = [os.fspath(p) for p in images] if images else [d["file_name"] for d in DatasetCatalog.get(dataset)[:num_images]]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:5])}"
-                                + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
-    return paths
+        raise FileNotFoundError(f"image file(s) not found: {name_some(missing)}")
+    return paths, dataset
 
 
 def _read_bgr(path: str) -> np.ndarray:
@@ -135,12 +128,10 @@ def _feature_backbone(model):
 
 
 def feature_magnitude_maps(predictor, bgr: np.ndarray, levels: Sequence[str], reduction: str = "l2") -> dict:
-    """{level: (H, W) float32 map in [0, 1]} of one image (BGR, original size) through the predictor's backbone.
-
-    The image is resized and formatted as DefaultPredictor does, normalised with the model's pixel
-    mean / std and padded to the backbone's size_divisibility; each map is cropped to the image's
-    unpadded cells, reduced over channels, min-max normalised and upsampled bilinearly to the image.
-    """
+    """{level: (H, W) float32 map in [0, 1]} of one image (BGR, original size) through the predictor's
+    backbone: resized and formatted as DefaultPredictor does, normalised with the model's pixel mean / std,
+    padded to size_divisibility; each map cropped to the image's unpadded cells, reduced over channels,
+    min-max normalised and upsampled bilinearly to the image."""
     import torch.nn.functional as F
     from detectron2.structures import ImageList
 
@@ -170,14 +161,12 @@ def feature_magnitude_maps(predictor, bgr: np.ndarray, levels: Sequence[str], re
 def plot_attention(config: str, weights, output: str, *, images=None, dataset_json: str | None = None,
                    image_root: str | None = None, num_images: int = 2, levels: Sequence[str] | None = None,
                    opts: Sequence[str] = (), reduction: str = "l2", alpha: float = 0.5) -> PlotResult:
-    """Feature-magnitude heat maps of one or more checkpoints on the same images.
-
-    Rows are images; columns the image, then per checkpoint each level (FPN p2..p5, or res2..res5 for
-    a ResNet-only model such as DetCo / MoCo v2; ``levels`` overrides). ``weights``: {label: path},
-    (label, path) pairs or 'LABEL=PATH' strings. data["maps"][label][level]: per-image (H, W) maps.
-    """
+    """Feature-magnitude heat maps of one or more checkpoints on the same images. Rows are images;
+    columns the image, then per checkpoint each level (FPN p2..p5, or res2..res5 for a ResNet-only model
+    such as DetCo / MoCo v2; ``levels`` overrides). ``weights``: {label: path}, (label, path) pairs or
+    'LABEL=PATH' strings. data["maps"][label][level]: per-image (H, W) maps."""
     pairs = labeled_paths(weights, "--weights")
-    paths = _image_paths(images, _dataset(dataset_json, image_root), num_images)
+    paths, _ = _images(images, dataset_json, image_root, num_images)
     shown = [_read_bgr(p) for p in paths]
     maps, reports, chosen = {}, {}, None
     for label, wpath in pairs:
@@ -241,11 +230,9 @@ def _class_names(cfg, dataset: str | None) -> tuple[list[str], str]:
 def plot_predictions(config: str, weights, output: str, *, images=None, dataset_json: str | None = None,
                      image_root: str | None = None, num_images: int = 2, score_thresh: float = 0.3,
                      opts: Sequence[str] = ()) -> PlotResult:
-    """Predicted boxes and masks (score >= score_thresh) drawn by detectron2's Visualizer.
-
-    Rows are images, columns checkpoints. ``weights``: a path, {label: path}, pairs or 'LABEL=PATH'.
-    data["instances"][label] lists per image {"boxes" (n, 4) XYXY, "scores", "classes"}.
-    """
+    """Predicted boxes and masks (score >= score_thresh) drawn by detectron2's Visualizer. Rows are
+    images, columns checkpoints. ``weights``: a path, {label: path}, pairs or 'LABEL=PATH'.
+    data["instances"][label] lists per image {"boxes" (n, 4) XYXY, "scores", "classes"}."""
     from detectron2.data.catalog import Metadata
     from detectron2.utils.visualizer import Visualizer
 
@@ -253,8 +240,7 @@ def plot_predictions(config: str, weights, output: str, *, images=None, dataset_
     opts = list(opts) + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(score_thresh),
                          "MODEL.RETINANET.SCORE_THRESH_TEST", str(score_thresh)]
     pairs = labeled_paths(weights, "--weights")
-    dataset = _dataset(dataset_json, image_root)
-    paths = _image_paths(images, dataset, num_images)
+    paths, dataset = _images(images, dataset_json, image_root, num_images)
     instances, drawn, reports, names = {}, {}, {}, None
     for label, wpath in pairs:
         predictor = _predictor(config, opts)
