@@ -9,11 +9,11 @@ from PIL import Image
 from drcl_d2.tools import demo
 
 
-def test_demo_pipeline_at_tiny_size(tmp_path):
-    out, data = tmp_path / "out", tmp_path / "tiny"
+def test_demo_pipeline_at_tiny_size(tiny_dataset, tmp_path):
+    out, data = tmp_path / "out", os.path.dirname(tiny_dataset["train_json"])  # the session's tiny set, reused
     small = ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "160", "INPUT.MIN_SIZE_TEST", "128",
              "INPUT.MAX_SIZE_TEST", "160", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-             "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "128"]
+             "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "128", "TEST.DETECTIONS_PER_IMAGE", "10"]
     assert demo.main(["--data", str(data), "--preset", "tiny", "--output", str(out),
                       "--pretrain-iters", "2", "--iters", "3"] + small) == 0
     # Every stage left its product.

@@ -310,8 +310,8 @@ def _private_mib() -> float:
 
 def test_pretraining_mappers_do_not_grow_memory_over_changing_sizes(tiny_dataset):
     """A torch convolution on crops whose size changes every sample grew a loader worker by ~1.1
-    MB per blurred sample (oneDNN keeps a compiled plan per shape, up to 1024 of them): 300 samples
-    would add ~300 MiB. Both pretraining mappers, every view blurred, must stay flat."""
+    MB per blurred sample (oneDNN keeps a compiled plan per shape, up to 1024 of them): 120 samples
+    would add ~130 MiB. Both pretraining mappers, every view blurred, must stay flat."""
     from drcl_d2.modeling.detco import DetCo
 
     dicts = load_lvis_format_json(tiny_dataset["train_json"], tiny_dataset["image_root"])
@@ -320,16 +320,17 @@ def test_pretraining_mappers_do_not_grow_memory_over_changing_sizes(tiny_dataset
     cfg.INPUT.DETCO.BLUR_PROB = 1.0
     detco_mapper = DetCo.build_mapper(cfg, dicts)[0]
     two_view = _mapper(min_size=(96, 128, 160, 192, 224), blur_prob=(1.0, 1.0))
+    NUM_SAMPLES = 120
     for name, mapper in (("2DRCL two views", two_view), ("DetCo views", detco_mapper)):
         for i in range(30):  # warm-up: allocator pools, lazy imports
             mapper(dict(dicts[i % len(dicts)]), np.random.default_rng([1, i]))
         before = _private_mib()
         shapes = set()
-        for i in range(300):
+        for i in range(NUM_SAMPLES):
             out = mapper(dict(dicts[i % len(dicts)]), np.random.default_rng([2, i]))
             if out is not None and "image_v1" in out:
                 shapes.add(tuple(out["image_v1"].shape))
         growth = _private_mib() - before
-        assert growth < 40, f"{name}: private memory grew by {growth:.0f} MiB over 300 samples"
+        assert growth < 40, f"{name}: private memory grew by {growth:.0f} MiB over {NUM_SAMPLES} samples"
         if name == "2DRCL two views":
-            assert len(shapes) > 100  # the case that grew: a new view size almost every sample
+            assert len(shapes) > NUM_SAMPLES // 2  # the case that grew: a new view size almost every sample
