@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from typing import Any, Callable, Optional, Sequence
@@ -121,6 +122,8 @@ def load_config(config_file: str, opts: Sequence[str] = (), device: Optional[str
     if device is not None:
         cfg.MODEL.DEVICE = device
     elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # The same configs serve GPU clusters and CPU machines (tests, the demo).
+        logging.getLogger("drcl_d2").warning("No CUDA device available: running on the CPU (MODEL.DEVICE cpu)")
         cfg.MODEL.DEVICE = "cpu"
     if register_datasets:
         register_datasets_from_config(cfg)

@@ -25,9 +25,6 @@ import logging
 import os
 import weakref
 
-import torch
-
-from detectron2.config import get_cfg
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup, launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
@@ -35,11 +32,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_drcl_config
 from ..data.build import build_checked_test_loader, build_lvis_train_loader, build_train_dataset, micro_batch_size
 from ..data.checks import check_evaluation_datasets, check_num_classes, check_training_dicts
-from ..data.datasets import FREQUENCIES, check_lvis_frequencies, ensure_dataset_metadata, register_datasets_from_config
+from ..data.datasets import FREQUENCIES, check_lvis_frequencies, ensure_dataset_metadata
 from ..modeling.box_predictor import check_roi_heads_read_cls_loss, provide_class_image_counts
+from ..utils import load_config
 from .accumulate import AccumulatingTrainer
 from .checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
 from .hooks import RebalanceHook, StopOnRequestHook, find_train_sampler
@@ -174,20 +171,10 @@ def launch_from_args(main, args) -> None:
            dist_url=args.dist_url, args=(args,))
 
 
-def setup(args, extra_setup=None):
-    """Config from file + opts, drcl_d2's datasets registered (not read), then detectron2's
-    default_setup, and drcl_d2's logger beside detectron2's."""
-    cfg = get_cfg()
-    add_drcl_config(cfg)
-    if extra_setup is not None:
-        extra_setup(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    register_datasets_from_config(cfg)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        # The same configs serve GPU clusters and CPU machines (tests, the demo).
-        logging.getLogger(__name__).warning("No CUDA device available: running on the CPU (MODEL.DEVICE cpu)")
-        cfg.MODEL.DEVICE = "cpu"
+def setup(args):
+    """The config of default_argument_parser's args (utils.load_config: file + opts, drcl_d2's datasets
+    registered, not read), frozen; then detectron2's default_setup, and drcl_d2's logger beside it."""
+    cfg = load_config(args.config_file, args.opts, register_datasets=True)
     cfg.freeze()
     default_setup(cfg, args)  # detectron2's and fvcore's loggers: stdout and OUTPUT_DIR/log.txt
     # drcl_d2's own lines (datasets loaded, sampler, Dynamic Rebalancing, health) go to the same places.
