@@ -84,9 +84,7 @@ def build_train_sampler(cfg, dataset_dicts: list[dict]):
             period=cfg.DATALOADER.DRB.PERIOD,
             seed=seed,
         )
-    raise ValueError(
-        f"Unknown DATALOADER.SAMPLER_TRAIN {name!r}; drcl_d2 supports {', '.join(TRAIN_SAMPLERS)}"
-    )
+    raise ValueError(f"Unknown DATALOADER.SAMPLER_TRAIN {name!r}; drcl_d2 supports {', '.join(TRAIN_SAMPLERS)}")
 
 
 def build_lvis_train_loader(cfg, mapper=None, dataset: list[dict] | None = None):
@@ -139,10 +137,8 @@ class SkippingTestLoader:
             if kept:
                 yield kept
         if skipped:
-            logger.warning(
-                f"{skipped} image(s) of {self.dataset_name} were skipped (see the warnings above): they "
-                "have no detections, so their objects count as misses in the evaluation"
-            )
+            logger.warning(f"{skipped} image(s) of {self.dataset_name} were skipped (see the warnings above): they "
+                           "have no detections, so their objects count as misses in the evaluation")
 
 
 def build_checked_test_loader(cfg, dataset_name: str):

@@ -138,10 +138,8 @@ class TwoViewBoxMapper:
         if box_source not in BOX_SOURCES:
             raise ValueError(f"INPUT.TWO_VIEW.BOX_SOURCE must be one of {BOX_SOURCES}, got {box_source!r}")
         if box_source == "proposals" and proposals is None:
-            raise ValueError(
-                "INPUT.TWO_VIEW.BOX_SOURCE is 'proposals' but no proposals were given: load them "
-                "with drcl_d2.data.proposals (INPUT.TWO_VIEW.PROPOSAL_FILES) and pass proposals="
-            )
+            raise ValueError("INPUT.TWO_VIEW.BOX_SOURCE is 'proposals' but no proposals were given: load them "
+                             "with drcl_d2.data.proposals (INPUT.TWO_VIEW.PROPOSAL_FILES) and pass proposals=")
         if min_size_sampling not in ("choice", "range"):
             raise ValueError(f"min_size_sampling must be 'choice' or 'range', got {min_size_sampling!r}")
         min_size = tuple(int(s) for s in ((min_size,) if isinstance(min_size, int) else min_size))
@@ -212,10 +210,8 @@ class TwoViewBoxMapper:
             image_id = dataset_dict["image_id"]
             if image_id not in self.proposals:
                 # check_proposals_against_images drops such images: reaching here is a setup bug.
-                raise KeyError(
-                    f"no proposals for image id {image_id} ({dataset_dict.get('file_name')}): "
-                    "filter the dataset with drcl_d2.data.proposals.check_proposals_against_images"
-                )
+                raise KeyError(f"no proposals for image id {image_id} ({dataset_dict.get('file_name')}): "
+                               "filter the dataset with drcl_d2.data.proposals.check_proposals_against_images")
             boxes = np.asarray(self.proposals[image_id], dtype=np.float64).reshape(-1, 4)
         else:  # random: num_boxes boxes with sides a random fraction of the image's sides
             n = self.num_boxes
@@ -287,9 +283,7 @@ class TwoViewBoxMapper:
         try:
             image = utils.read_image(file_name, format="RGB")  # (H, W, 3) uint8; colour ops need RGB
         except (OSError, SyntaxError) as e:  # PIL's errors for unreadable / undecodable files
-            logger.warning(
-                f"Skipping unreadable image {file_name} (image id {image_id}): {type(e).__name__}: {e}"
-            )
+            logger.warning(f"Skipping unreadable image {file_name} (image id {image_id}): {type(e).__name__}: {e}")
             return None
         record = dict(dataset_dict)  # check_image_size fills height/width in: keep the input intact
         utils.check_image_size(record, image)
