@@ -104,11 +104,8 @@ def _outside_image(bbox, img: dict) -> bool:
 def _valid_segmentation(segm) -> bool:
     if isinstance(segm, dict):  # RLE
         return "counts" in segm and "size" in segm
-    return (
-        isinstance(segm, list)
-        and len(segm) > 0
-        and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm)
-    )
+    return isinstance(segm, list) and len(segm) > 0 and all(
+        isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm)
 
 
 def name_some(items: Iterable, total: int | None = None) -> str:
@@ -154,11 +151,8 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
             outside.append(f"ann {ann_id}/image {ann['image_id']} bbox={ann['bbox']} "
                            f"image {img['width']}x{img['height']}")
             continue
-        obj = {
-            "bbox": [float(v) for v in ann["bbox"]],
-            "bbox_mode": BoxMode.XYWH_ABS,
-            "category_id": id_map[ann["category_id"]],
-        }
+        obj = {"bbox": [float(v) for v in ann["bbox"]], "bbox_mode": BoxMode.XYWH_ABS,
+               "category_id": id_map[ann["category_id"]]}
         if "segmentation" in ann:
             if not _valid_segmentation(ann["segmentation"]):
                 bad_segms.append(f"ann {ann_id}/image {ann['image_id']}")

@@ -202,24 +202,13 @@ class DetCoViewMapper:
     @classmethod
     def from_config(cls, cfg) -> dict:
         d = cfg.INPUT.DETCO
-        return {
-            "image_format": cfg.INPUT.FORMAT,
-            "with_patches": cfg.MODEL.DETCO.LOCAL,
-            "view_size": d.VIEW_SIZE,
-            "view_scale": d.VIEW_SCALE,
-            "patch_crop_scale": d.PATCH_CROP_SCALE,
-            "canvas_size": d.PATCH_CANVAS_SIZE,
-            "cell_size": d.CELL_SIZE,
-            "patch_size": d.PATCH_SIZE,
-            "color_jitter": d.COLOR_JITTER,
-            "color_jitter_prob": d.COLOR_JITTER_PROB,
-            "grayscale_prob": d.GRAYSCALE_PROB,
-            "blur_prob": d.BLUR_PROB,
-            "blur_sigma": d.BLUR_SIGMA,
-            "flip_prob": d.FLIP_PROB,
-            "randaugment_num_ops": d.RANDAUGMENT_NUM_OPS,
-            "randaugment_magnitude": d.RANDAUGMENT_MAGNITUDE,
-        }
+        return {"image_format": cfg.INPUT.FORMAT, "with_patches": cfg.MODEL.DETCO.LOCAL,
+                "view_size": d.VIEW_SIZE, "view_scale": d.VIEW_SCALE, "patch_crop_scale": d.PATCH_CROP_SCALE,
+                "canvas_size": d.PATCH_CANVAS_SIZE, "cell_size": d.CELL_SIZE, "patch_size": d.PATCH_SIZE,
+                "color_jitter": d.COLOR_JITTER, "color_jitter_prob": d.COLOR_JITTER_PROB,
+                "grayscale_prob": d.GRAYSCALE_PROB, "blur_prob": d.BLUR_PROB, "blur_sigma": d.BLUR_SIGMA,
+                "flip_prob": d.FLIP_PROB, "randaugment_num_ops": d.RANDAUGMENT_NUM_OPS,
+                "randaugment_magnitude": d.RANDAUGMENT_MAGNITUDE}
 
     # -- the pieces ---------------------------------------------------------------------------
 

@@ -88,16 +88,8 @@ class DynamicRepeatFactorTrainingSampler(_StartIterMixin, Sampler):
     replay of the run, and every worker and rank agrees on α_d without talking to the trainer.
     """
 
-    def __init__(
-        self,
-        repeat_factors: DynamicRepeatFactors,
-        *,
-        total_batch_size: int,
-        max_iter: int,
-        period: int = 500,
-        shuffle: bool = True,
-        seed: Optional[int] = None,
-    ):
+    def __init__(self, repeat_factors: DynamicRepeatFactors, *, total_batch_size: int, max_iter: int, period: int = 500,
+                 shuffle: bool = True, seed: Optional[int] = None):
         """
         Args:
             repeat_factors: r_I(α) for the training list the loader indexes.
@@ -149,12 +141,6 @@ class DynamicRepeatFactorTrainingSampler(_StartIterMixin, Sampler):
         )
 
     # ---- the index stream -----------------------------------------------------------------
-    def _period_generator(self, period_index: int) -> torch.Generator:
-        g = torch.Generator()
-        # Distinct, reproducible streams per period; the constant spreads neighbouring periods.
-        g.manual_seed((self._seed * 0x9E3779B1 + period_index) % (2**63 - 1))
-        return g
-
     def _one_pass(self, factors: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """One RFS epoch: stochastic rounding of r_I, each index repeated, then shuffled. (~Σr_I,)"""
         int_part = torch.trunc(factors)
@@ -168,7 +154,8 @@ class DynamicRepeatFactorTrainingSampler(_StartIterMixin, Sampler):
         """The global stream of one period: period × total_batch_size dataset indices."""
         needed = self._period * self._total_batch_size
         factors = self.factors_of_period(period_index)
-        g = self._period_generator(period_index)
+        # Distinct, reproducible streams per period; the constant spreads neighbouring periods.
+        g = torch.Generator().manual_seed((self._seed * 0x9E3779B1 + period_index) % (2**63 - 1))
         chunks = [self._one_pass(factors, g)]
         while sum(map(len, chunks)) < needed:
             chunks.append(self._one_pass(factors, g))

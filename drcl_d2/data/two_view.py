@@ -19,9 +19,9 @@ that is moved consistently by each view's geometric transform, so that box ``i``
    ``max_attempts`` tries; then the mapper returns None and the caller replaces the image.
 4. **Photometric, per view** ``v`` (0 or 1 indexes the two-valued settings): colour jitter with
    probability ``color_jitter_prob`` (the four ops in an order drawn from the rng, as
-   torchvision's ColorJitter), grayscale, Gaussian blur (sigma drawn from ``blur_sigma``, in view
-   pixels; odd kernel spanning +-3 sigma, at most ~10 % of the view's shorter side as BYOL's
-   23 px on 224 px crops, at least 3: see :func:`blur_kernel_size`), solarisation at 128.
+   torchvision's ColorJitter), grayscale (``grayscale_prob``), Gaussian blur (``blur_prob``; sigma
+   drawn from ``blur_sigma``, in view pixels; kernel side: :func:`blur_kernel_size`), solarisation
+   at 128 (``solarize_prob``).
 
 **Randomness.** Every random draw comes from the ``rng`` argument (a ``numpy.random.Generator``
 the caller seeds from (cfg.SEED, global sample position)); the mapper never touches numpy's,
@@ -115,23 +115,16 @@ class TwoViewBoxMapper:
         max_attempts: int = 10,
         min_size_sampling: str = "choice",
     ):
-        """
+        """The settings the module doc's steps name, and:
+
         Args:
-            image_format: "RGB" or "BGR" (detectron2's INPUT.FORMAT; photometric ops need colour).
-            min_size, max_size, min_size_sampling: shortest-edge resize, as detectron2's
-                ResizeShortestEdge ("choice": one of min_size; "range": an int in [min, max]).
-            num_boxes: boxes chosen per image per call (at most).
-            box_source: "gt", "proposals" (then ``proposals`` maps image id -> (n, 4) XYXY
-                float array, original pixels) or "random".
-            crop_area: fraction of the resized image's area each crop covers, [min, max].
-            min_visible: a box leaves a view when less than this fraction of its area is inside.
-            min_box_size: a box is dropped when a clipped side is smaller (view pixels).
+            image_format: "RGB" or "BGR" (detectron2's INPUT.FORMAT), the views' channel order.
+            min_size_sampling: as detectron2's ResizeShortestEdge ("choice": one of min_size; "range":
+                an int in [min, max]).
+            proposals: with box_source "proposals", image id -> (n, 4) XYXY float array, original pixels.
             random_box_side: random boxes' sides as a fraction of the image side, [min, max].
             color_jitter: (brightness, contrast, saturation, hue) strengths.
-            color_jitter_prob, grayscale_prob: probabilities, both views.
             blur_prob, solarize_prob: per view [view1, view2] (or one number for both).
-            blur_sigma: Gaussian sigma range [min, max].
-            max_attempts: crops tried before giving up on an image.
         """
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"TwoViewBoxMapper needs INPUT.FORMAT 'RGB' or 'BGR', got {image_format!r}")
@@ -176,26 +169,14 @@ class TwoViewBoxMapper:
         by :func:`drcl_d2.data.proposals.load_proposals_from_config`.
         """
         tv = cfg.INPUT.TWO_VIEW
-        return {
-            "image_format": cfg.INPUT.FORMAT,
-            "min_size": tuple(cfg.INPUT.MIN_SIZE_TRAIN),
-            "max_size": cfg.INPUT.MAX_SIZE_TRAIN,
-            "min_size_sampling": cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
-            "num_boxes": tv.NUM_BOXES,
-            "box_source": tv.BOX_SOURCE,
-            "proposals": proposals,
-            "crop_area": tuple(tv.CROP_AREA),
-            "min_visible": tv.MIN_VISIBLE,
-            "min_box_size": tv.MIN_BOX_SIZE,
-            "random_box_side": tuple(tv.RANDOM_BOX_SIDE),
-            "color_jitter": tuple(tv.COLOR_JITTER),
-            "color_jitter_prob": tv.COLOR_JITTER_PROB,
-            "grayscale_prob": tv.GRAYSCALE_PROB,
-            "blur_prob": tv.BLUR_PROB,
-            "blur_sigma": tuple(tv.BLUR_SIGMA),
-            "solarize_prob": tv.SOLARIZE_PROB,
-            "max_attempts": tv.MAX_ATTEMPTS,
-        }
+        return {"image_format": cfg.INPUT.FORMAT, "min_size": tuple(cfg.INPUT.MIN_SIZE_TRAIN),
+                "max_size": cfg.INPUT.MAX_SIZE_TRAIN, "min_size_sampling": cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
+                "num_boxes": tv.NUM_BOXES, "box_source": tv.BOX_SOURCE, "proposals": proposals,
+                "crop_area": tv.CROP_AREA, "min_visible": tv.MIN_VISIBLE, "min_box_size": tv.MIN_BOX_SIZE,
+                "random_box_side": tv.RANDOM_BOX_SIDE, "color_jitter": tv.COLOR_JITTER,
+                "color_jitter_prob": tv.COLOR_JITTER_PROB, "grayscale_prob": tv.GRAYSCALE_PROB,
+                "blur_prob": tv.BLUR_PROB, "blur_sigma": tv.BLUR_SIGMA, "solarize_prob": tv.SOLARIZE_PROB,
+                "max_attempts": tv.MAX_ATTEMPTS}
 
     def _candidate_boxes(self, dataset_dict: dict, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         """(n, 4) float64 XYXY candidate boxes in original image pixels, clipped to the image."""
@@ -307,20 +288,11 @@ class TwoViewBoxMapper:
         else:
             logger.debug(f"image id {image_id}: no box survived {self.max_attempts} pairs of crops")
             return None
-
-        image_v1 = self._make_view(image, tfm1, 0, rng)
-        image_v2 = self._make_view(image, tfm2, 1, rng)
-        return {
-            "image_id": image_id,
-            "file_name": file_name,
-            "height": record["height"],
-            "width": record["width"],
-            "image_v1": image_v1,  # (3, h1, w1) uint8
-            "image_v2": image_v2,  # (3, h2, w2) uint8
-            "boxes_v1": torch.as_tensor(boxes1[keep], dtype=torch.float32),  # (n, 4)
-            "boxes_v2": torch.as_tensor(boxes2[keep], dtype=torch.float32),  # (n, 4)
-            "num_candidate_boxes": n_cand,
-        }
+        # The class doc's output; view 1 is drawn first (a dict display evaluates in order).
+        return {"image_id": image_id, "file_name": file_name, "height": record["height"], "width": record["width"],
+                "image_v1": self._make_view(image, tfm1, 0, rng), "image_v2": self._make_view(image, tfm2, 1, rng),
+                "boxes_v1": torch.as_tensor(boxes1[keep], dtype=torch.float32),
+                "boxes_v2": torch.as_tensor(boxes2[keep], dtype=torch.float32), "num_candidate_boxes": n_cand}
 
 
 def build_two_view_mapper(cfg, dataset_dicts: list[dict]):
