@@ -43,15 +43,11 @@ def micro_batch_size(cfg) -> int:
 
 
 def build_train_dataset(cfg) -> list[dict]:
-    """The training list as detectron2 builds it (empty images filtered per config)."""
-    dataset = get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN,
-        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-    )
-    if not dataset:
-        raise ValueError(f"The training datasets {tuple(cfg.DATASETS.TRAIN)} hold no images after filtering")
-    return dataset
+    """The training list as detectron2 builds it (empty images filtered per config; detectron2 stops
+    on an empty list: "No valid data found")."""
+    return get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
 
 
 def build_train_sampler(cfg, dataset_dicts: list[dict]):
@@ -67,26 +63,16 @@ def build_train_sampler(cfg, dataset_dicts: list[dict]):
         return ResumableTrainingSampler(len(dataset_dicts), total_batch_size=batch, seed=seed)
     if name == "RepeatFactorTrainingSampler":
         factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-            dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT
-        )
+            dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT)
         return ResumableRepeatFactorTrainingSampler(factors, total_batch_size=batch, seed=seed)
     if name == "DynamicRepeatFactorTrainingSampler":
-        factors = DynamicRepeatFactors(
-            CategoryStatistics.from_dataset_dicts(dataset_dicts),
-            repeat_thresh=cfg.DATALOADER.REPEAT_THRESHOLD,
-            instance_frequency=cfg.DATALOADER.DRB.INSTANCE_FREQUENCY,
-            sqrt=cfg.DATALOADER.REPEAT_SQRT,
-        )
-        return DynamicRepeatFactorTrainingSampler(
-            factors,
-            total_batch_size=batch,
-            max_iter=drb_max_iter(cfg),
-            period=cfg.DATALOADER.DRB.PERIOD,
-            seed=seed,
-        )
-    raise ValueError(
-        f"Unknown DATALOADER.SAMPLER_TRAIN {name!r}; drcl_d2 supports {', '.join(TRAIN_SAMPLERS)}"
-    )
+        factors = DynamicRepeatFactors(CategoryStatistics.from_dataset_dicts(dataset_dicts),
+                                       repeat_thresh=cfg.DATALOADER.REPEAT_THRESHOLD,
+                                       instance_frequency=cfg.DATALOADER.DRB.INSTANCE_FREQUENCY,
+                                       sqrt=cfg.DATALOADER.REPEAT_SQRT)
+        return DynamicRepeatFactorTrainingSampler(factors, total_batch_size=batch, max_iter=drb_max_iter(cfg),
+                                                  period=cfg.DATALOADER.DRB.PERIOD, seed=seed)
+    raise ValueError(f"Unknown DATALOADER.SAMPLER_TRAIN {name!r}; drcl_d2 supports {', '.join(TRAIN_SAMPLERS)}")
 
 
 def build_lvis_train_loader(cfg, mapper=None, dataset: list[dict] | None = None):
@@ -139,10 +125,8 @@ class SkippingTestLoader:
             if kept:
                 yield kept
         if skipped:
-            logger.warning(
-                f"{skipped} image(s) of {self.dataset_name} were skipped (see the warnings above): they "
-                "have no detections, so their objects count as misses in the evaluation"
-            )
+            logger.warning(f"{skipped} image(s) of {self.dataset_name} were skipped (see the warnings above): they "
+                           "have no detections, so their objects count as misses in the evaluation")
 
 
 def build_checked_test_loader(cfg, dataset_name: str):

@@ -114,7 +114,5 @@ def check_evaluation_datasets(cfg) -> None:
         for key, why in needed.items():
             if key in lacking:
                 count, first = lacking[key]
-                raise ValueError(
-                    f"DATASETS.TEST {_describe(name)}: {count} annotations lack '{key}' (annotation ids "
-                    f"{name_some(first, count)}), which {why}"
-                )
+                raise ValueError(f"DATASETS.TEST {_describe(name)}: {count} annotations lack '{key}' (annotation ids "
+                                 f"{name_some(first, count)}), which {why}")

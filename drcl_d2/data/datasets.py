@@ -28,7 +28,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
-from .image_folder import register_image_folders_from_config
 from .metadata_cache import read_cached_metadata, write_cached_metadata
 
 logger = logging.getLogger(__name__)
@@ -69,10 +68,8 @@ def sorted_categories(data: dict, json_file: str) -> list[dict]:
     categories = sorted(data["categories"], key=lambda c: c["id"])
     dups = sorted({a["id"] for a, b in zip(categories, categories[1:]) if a["id"] == b["id"]})
     if dups:
-        raise ValueError(
-            f"{json_file}: category id(s) {name_some(dups)} are listed more than once in 'categories'; "
-            "each category needs a unique id"
-        )
+        raise ValueError(f"{json_file}: category id(s) {name_some(dups)} are listed more than once in 'categories'; "
+                         "each category needs a unique id")
     return categories
 
 
@@ -107,11 +104,8 @@ def _outside_image(bbox, img: dict) -> bool:
 def _valid_segmentation(segm) -> bool:
     if isinstance(segm, dict):  # RLE
         return "counts" in segm and "size" in segm
-    return (
-        isinstance(segm, list)
-        and len(segm) > 0
-        and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm)
-    )
+    return isinstance(segm, list) and len(segm) > 0 and all(
+        isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm)
 
 
 def name_some(items: Iterable, total: int | None = None) -> str:
@@ -144,15 +138,11 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
             raise ValueError(f"{json_file}: annotation id {ann_id} appears twice")
         seen_ann_ids.add(ann_id)
         if ann.get("image_id") not in images:
-            raise ValueError(
-                f"{json_file}: annotation id {ann_id} refers to image id {ann.get('image_id')}, "
-                "which is not in 'images'"
-            )
+            raise ValueError(f"{json_file}: annotation id {ann_id} refers to image id {ann.get('image_id')}, "
+                             "which is not in 'images'")
         if ann.get("category_id") not in id_map:
-            raise ValueError(
-                f"{json_file}: annotation id {ann_id} (image id {ann['image_id']}) has category_id "
-                f"{ann.get('category_id')}, which is not in 'categories'"
-            )
+            raise ValueError(f"{json_file}: annotation id {ann_id} (image id {ann['image_id']}) has category_id "
+                             f"{ann.get('category_id')}, which is not in 'categories'")
         if not _valid_box(ann.get("bbox")):
             bad_boxes.append(f"ann {ann_id}/image {ann['image_id']} bbox={ann.get('bbox')}")
             continue
@@ -161,33 +151,20 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
             outside.append(f"ann {ann_id}/image {ann['image_id']} bbox={ann['bbox']} "
                            f"image {img['width']}x{img['height']}")
             continue
-        obj = {
-            "bbox": [float(v) for v in ann["bbox"]],
-            "bbox_mode": BoxMode.XYWH_ABS,
-            "category_id": id_map[ann["category_id"]],
-        }
+        obj = {"bbox": [float(v) for v in ann["bbox"]], "bbox_mode": BoxMode.XYWH_ABS,
+               "category_id": id_map[ann["category_id"]]}
         if "segmentation" in ann:
             if not _valid_segmentation(ann["segmentation"]):
                 bad_segms.append(f"ann {ann_id}/image {ann['image_id']}")
                 continue
             obj["segmentation"] = ann["segmentation"]
         anns_per_image[ann["image_id"]].append(obj)
-    if bad_boxes:
-        logger.warning(
-            f"{json_file}: skipped {len(bad_boxes)} annotation(s) with a degenerate box "
-            f"(non-finite, or width/height <= 0): {name_some(bad_boxes)}"
-        )
-    if outside:
-        logger.warning(
-            f"{json_file}: skipped {len(outside)} annotation(s) whose box lies entirely outside its "
-            f"image (json width x height; detectron2 would clip it to nothing and train on an empty "
-            f"target): {name_some(outside)}"
-        )
-    if bad_segms:
-        logger.warning(
-            f"{json_file}: skipped {len(bad_segms)} annotation(s) with an invalid polygon "
-            f"(< 3 points or odd length): {name_some(bad_segms)}"
-        )
+    for skipped, what in ((bad_boxes, "with a degenerate box (non-finite, or width/height <= 0)"),
+                          (outside, "whose box lies entirely outside its image (json width x height; detectron2 "
+                                    "would clip it to nothing and train on an empty target)"),
+                          (bad_segms, "with an invalid polygon (< 3 points or odd length)")):
+        if skipped:
+            logger.warning(f"{json_file}: skipped {len(skipped)} annotation(s) {what}: {name_some(skipped)}")
 
     dataset_dicts, missing = [], []
     for image_id in sorted(images):
@@ -205,10 +182,8 @@ def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | N
             "annotations": anns_per_image[image_id],
         })
     if missing:
-        raise FileNotFoundError(
-            f"{json_file}: {len(missing)} of {len(images)} image files are missing under "
-            f"{image_root}: {name_some(missing)}"
-        )
+        raise FileNotFoundError(f"{json_file}: {len(missing)} of {len(images)} image files are missing under "
+                                f"{image_root}: {name_some(missing)}")
     if dataset_name is not None:
         fields = _metadata_from_json(data, categories)
         _set_json_metadata(dataset_name, fields)
@@ -229,21 +204,9 @@ def check_lvis_frequencies(json_file: str, categories: list[dict] | None = None)
     bad = [f"id {c.get('id')} ({c.get('name', '?')}, frequency={c.get('frequency')!r})"
            for c in categories if c.get("frequency") not in FREQUENCIES]
     if bad:
-        raise ValueError(
-            f"{json_file}: {len(bad)} categories lack a 'frequency' of 'r', 'c' or 'f' (lower case), "
-            f"which LVIS evaluation needs (APr/APc/APf): {name_some(bad)}. Set it (rare: 1-10 training "
-            "images, common: 11-100, frequent: >100) or evaluate with COCOEvaluator."
-        )
-
-
-def _annotations_lacking(annotations: list[dict]) -> dict:
-    """{field: (count, first few annotation ids)} for each of EVAL_FIELDS some annotations lack."""
-    out = {}
-    for key in EVAL_FIELDS:
-        ids = [a.get("id") for a in annotations if key not in a]
-        if ids:
-            out[key] = (len(ids), ids[:_MAX_NAMED])
-    return out
+        raise ValueError(f"{json_file}: {len(bad)} categories lack a 'frequency' of 'r', 'c' or 'f' (lower case), "
+                         f"which LVIS evaluation needs (APr/APc/APf): {name_some(bad)}. Set it (rare: 1-10 training "
+                         "images, common: 11-100, frequent: >100) or evaluate with COCOEvaluator.")
 
 
 def _metadata_from_json(data: dict, categories: list[dict]) -> dict:
@@ -251,14 +214,16 @@ def _metadata_from_json(data: dict, categories: list[dict]) -> dict:
 
     Besides detectron2's fields, what evaluation will need from the json (a frequency per category,
     `area` and `segmentation` per annotation) is recorded, so that the trainer can check it before
-    the first iteration without reading the json again.
+    the first iteration without reading the json again: annotations_lacking is {field: (count,
+    first few annotation ids)} for each of EVAL_FIELDS that some annotations lack.
     """
+    lacking = {key: [a.get("id") for a in data["annotations"] if key not in a] for key in EVAL_FIELDS}
     return {
         "thing_classes": [c.get("name", str(c["id"])) for c in categories],
         "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories)},
         "class_image_count": [{"id": c["id"], "image_count": c.get("image_count", 0)} for c in categories],
         "category_frequencies": [c.get("frequency") for c in categories],
-        "annotations_lacking": _annotations_lacking(data["annotations"]),
+        "annotations_lacking": {key: (len(ids), ids[:_MAX_NAMED]) for key, ids in lacking.items() if ids},
     }
 
 
@@ -313,12 +278,12 @@ def ensure_dataset_metadata(name: str) -> None:
 def register_datasets_from_config(cfg) -> list[str]:
     """Register every [name, json_file, image_root] triple of cfg.DATASETS.LVIS_CUSTOM (no json is
     read here: see :func:`register_lvis_format`)."""
+    from .image_folder import register_image_folders_from_config  # imports this module's name_some
+
     names = []
     for i, entry in enumerate(cfg.DATASETS.LVIS_CUSTOM):
         if len(entry) != 3:
-            raise ValueError(
-                f"DATASETS.LVIS_CUSTOM[{i}] must be [name, json_file, image_root], got {list(entry)}"
-            )
+            raise ValueError(f"DATASETS.LVIS_CUSTOM[{i}] must be [name, json_file, image_root], got {list(entry)}")
         name, json_file, image_root = entry
         register_lvis_format(name, json_file, image_root, cfg.DATASETS.LVIS_CUSTOM_PATH_RULE,
                              check_files=cfg.DATASETS.CHECK_IMAGE_FILES)

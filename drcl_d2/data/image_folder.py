@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from .datasets import name_some
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image_folder", "register_image_folder",
@@ -60,9 +62,8 @@ def load_image_folder(folder: str, num_threads: int = 16) -> list[dict]:
         sizes = list(pool.map(_image_size, paths, chunksize=256))
     unreadable = [p for p, (h, _) in zip(paths, sizes) if h is None]
     if unreadable:
-        shown = ", ".join(unreadable[:5]) + (f" (and {len(unreadable) - 5} more)" if len(unreadable) > 5 else "")
         logger.warning(f"{folder}: {len(unreadable)} of {len(paths)} image files have an unreadable header; "
-                       f"training skips them when it meets them: {shown}")
+                       f"training skips them when it meets them: {name_some(unreadable)}")
     logger.info(f"Loaded {len(paths)} unlabeled images from {folder}")
     return [
         {"file_name": path, "height": h, "width": w, "image_id": i, "annotations": []}

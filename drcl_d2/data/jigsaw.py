@@ -42,7 +42,8 @@ import torchvision.transforms.v2.functional as TF
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 
-from .photometric import apply_color_jitter, blur_kernel_size, gaussian_blur
+from .photometric import (apply_color_jitter, blur_kernel_size, check_color_jitter, gaussian_blur, jitter_factors,
+                          to_format)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ _RA_OPS = (
     ("posterize", 4.0, False), ("solarize", 255.0, False), ("autocontrast", 0.0, False),
     ("equalize", 0.0, False),
 )
+_RA_ADJUST = {"brightness": TF.adjust_brightness, "color": TF.adjust_saturation, "contrast": TF.adjust_contrast,
+              "sharpness": TF.adjust_sharpness}
 
 
 def rand_augment(img: torch.Tensor, rng: np.random.Generator, num_ops: int, magnitude: int) -> torch.Tensor:
@@ -102,34 +105,23 @@ def rand_augment(img: torch.Tensor, rng: np.random.Generator, num_ops: int, magn
         v = top * frac
         if signed and rng.random() < 0.5:
             v = -v
-        if name == "shear_x":
-            img = TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0,
-                            shear=[math.degrees(math.atan(v)), 0.0], center=[0, 0])
-        elif name == "shear_y":
-            img = TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0,
-                            shear=[0.0, math.degrees(math.atan(v))], center=[0, 0])
-        elif name == "translate_x":
-            img = TF.affine(img, angle=0.0, translate=[int(v * w), 0], scale=1.0, shear=[0.0, 0.0])
-        elif name == "translate_y":
-            img = TF.affine(img, angle=0.0, translate=[0, int(v * h)], scale=1.0, shear=[0.0, 0.0])
+        if name in ("shear_x", "shear_y"):
+            shear = [math.degrees(math.atan(v)), 0.0]
+            img = TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, center=[0, 0],
+                            shear=shear if name == "shear_x" else shear[::-1])
+        elif name in ("translate_x", "translate_y"):
+            shift = [int(v * w), 0] if name == "translate_x" else [0, int(v * h)]
+            img = TF.affine(img, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0])
         elif name == "rotate":
             img = TF.rotate(img, v)
-        elif name == "brightness":
-            img = TF.adjust_brightness(img, 1.0 + v)
-        elif name == "color":
-            img = TF.adjust_saturation(img, 1.0 + v)
-        elif name == "contrast":
-            img = TF.adjust_contrast(img, 1.0 + v)
-        elif name == "sharpness":
-            img = TF.adjust_sharpness(img, 1.0 + v)
+        elif name in _RA_ADJUST:
+            img = _RA_ADJUST[name](img, 1.0 + v)
         elif name == "posterize":
             img = TF.posterize(img, int(8 - round(v)))
         elif name == "solarize":
             img = TF.solarize(img, 255.0 - v)
-        elif name == "autocontrast":
-            img = TF.autocontrast(img)
-        elif name == "equalize":
-            img = TF.equalize(img)
+        elif name in ("autocontrast", "equalize"):
+            img = getattr(TF, name)(img)
     return img
 
 
@@ -190,9 +182,6 @@ class DetCoViewMapper:
         for name, rng_ in (("VIEW_SCALE", view_scale), ("PATCH_CROP_SCALE", patch_crop_scale)):
             if len(rng_) != 2 or not 0 < rng_[0] <= rng_[1] <= 1:
                 raise ValueError(f"INPUT.DETCO.{name} must be [min, max] with 0 < min <= max <= 1, got {rng_}")
-        color_jitter = tuple(float(v) for v in color_jitter)
-        if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
-            raise ValueError(f"INPUT.DETCO.COLOR_JITTER must be 4 values >= 0 with hue <= 0.5, got {color_jitter}")
         if not 0 <= randaugment_magnitude < RANDAUGMENT_BINS:
             raise ValueError(f"INPUT.DETCO.RANDAUGMENT_MAGNITUDE must be in 0..{RANDAUGMENT_BINS - 1}")
         self.image_format = image_format
@@ -201,7 +190,7 @@ class DetCoViewMapper:
         self.view_scale = tuple(float(v) for v in view_scale)
         self.patch_crop_scale = tuple(float(v) for v in patch_crop_scale)
         self.canvas_size, self.cell_size, self.patch_size = int(canvas_size), int(cell_size), int(patch_size)
-        self.color_jitter = color_jitter
+        self.color_jitter = check_color_jitter(color_jitter, "INPUT.DETCO.COLOR_JITTER")
         self.color_jitter_prob = float(color_jitter_prob)
         self.grayscale_prob = float(grayscale_prob)
         self.blur_prob = float(blur_prob)
@@ -213,38 +202,21 @@ class DetCoViewMapper:
     @classmethod
     def from_config(cls, cfg) -> dict:
         d = cfg.INPUT.DETCO
-        return {
-            "image_format": cfg.INPUT.FORMAT,
-            "with_patches": cfg.MODEL.DETCO.LOCAL,
-            "view_size": d.VIEW_SIZE,
-            "view_scale": d.VIEW_SCALE,
-            "patch_crop_scale": d.PATCH_CROP_SCALE,
-            "canvas_size": d.PATCH_CANVAS_SIZE,
-            "cell_size": d.CELL_SIZE,
-            "patch_size": d.PATCH_SIZE,
-            "color_jitter": d.COLOR_JITTER,
-            "color_jitter_prob": d.COLOR_JITTER_PROB,
-            "grayscale_prob": d.GRAYSCALE_PROB,
-            "blur_prob": d.BLUR_PROB,
-            "blur_sigma": d.BLUR_SIGMA,
-            "flip_prob": d.FLIP_PROB,
-            "randaugment_num_ops": d.RANDAUGMENT_NUM_OPS,
-            "randaugment_magnitude": d.RANDAUGMENT_MAGNITUDE,
-        }
+        return {"image_format": cfg.INPUT.FORMAT, "with_patches": cfg.MODEL.DETCO.LOCAL,
+                "view_size": d.VIEW_SIZE, "view_scale": d.VIEW_SCALE, "patch_crop_scale": d.PATCH_CROP_SCALE,
+                "canvas_size": d.PATCH_CANVAS_SIZE, "cell_size": d.CELL_SIZE, "patch_size": d.PATCH_SIZE,
+                "color_jitter": d.COLOR_JITTER, "color_jitter_prob": d.COLOR_JITTER_PROB,
+                "grayscale_prob": d.GRAYSCALE_PROB, "blur_prob": d.BLUR_PROB, "blur_sigma": d.BLUR_SIGMA,
+                "flip_prob": d.FLIP_PROB, "randaugment_num_ops": d.RANDAUGMENT_NUM_OPS,
+                "randaugment_magnitude": d.RANDAUGMENT_MAGNITUDE}
 
     # -- the pieces ---------------------------------------------------------------------------
 
-    def _color_jitter(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """torchvision ColorJitter: factors drawn uniformly, the four ops in a random order."""
-        b, c, s, h = self.color_jitter
-        factors = (rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
-                   rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h))
-        return apply_color_jitter(img, factors, rng.permutation(4))
-
     def _photometric_and_flip(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """MoCo v2's order: colour jitter (p), grayscale (p), Gaussian blur (p), horizontal flip (p)."""
+        """MoCo v2's order: colour jitter (p; torchvision's ColorJitter: factors, then the order of the
+        four ops), grayscale (p), Gaussian blur (p), horizontal flip (p)."""
         if rng.random() < self.color_jitter_prob:
-            img = self._color_jitter(img, rng)
+            img = apply_color_jitter(img, jitter_factors(rng, self.color_jitter), rng.permutation(4))
         if rng.random() < self.grayscale_prob:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
         if rng.random() < self.blur_prob:
@@ -285,9 +257,6 @@ class DetCoViewMapper:
             patches.append(canvas[:, y:y + size, x:x + size])
         return torch.stack(patches), order
 
-    def _to_format(self, t: torch.Tensor) -> torch.Tensor:
-        return t.flip(-3).contiguous() if self.image_format == "BGR" else t.contiguous()
-
     # -- the mapper -----------------------------------------------------------------------------
 
     def __call__(self, dataset_dict: dict, rng: np.random.Generator) -> dict | None:
@@ -299,9 +268,9 @@ class DetCoViewMapper:
             return None
         img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (3, H, W)
         out = {"image_id": dataset_dict.get("image_id"), "file_name": dataset_dict["file_name"]}
-        out["view_q"] = self._to_format(self.global_view(img, rng))
-        out["view_k"] = self._to_format(self.global_view(img, rng))
+        out["view_q"] = to_format(self.global_view(img, rng), self.image_format)
+        out["view_k"] = to_format(self.global_view(img, rng), self.image_format)
         if self.with_patches:
-            out["patches_q"] = self._to_format(self.patch_set(img, rng)[0])
-            out["patches_k"] = self._to_format(self.patch_set(img, rng)[0])
+            out["patches_q"] = to_format(self.patch_set(img, rng)[0], self.image_format)
+            out["patches_k"] = to_format(self.patch_set(img, rng)[0], self.image_format)
         return out

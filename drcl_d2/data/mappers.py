@@ -79,9 +79,7 @@ class CheckedDatasetMapper(DatasetMapper):
         )
         limit = min(self.max_bad_in_a_row, self.dataset_size or self.max_bad_in_a_row)
         if self.is_train and self._bad_in_a_row >= limit:
-            raise RuntimeError(
-                f"{self._bad_in_a_row} images in a row could not be used (unreadable, wrong size or "
-                "constant; see the warnings above): check the training images "
-                "(python -m drcl_d2.tools.check_dataset JSON IMAGE_ROOT)"
-            )
+            raise RuntimeError(f"{self._bad_in_a_row} images in a row could not be used (unreadable, wrong size or "
+                               "constant; see the warnings above): check the training images "
+                               "(python -m drcl_d2.tools.check_dataset JSON IMAGE_ROOT)")
         return None

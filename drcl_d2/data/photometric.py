@@ -1,7 +1,7 @@
 """Colour augmentation pieces shared by the pretraining mappers (2DRCL two views, DetCo / MoCo v2).
 
 Each mapper draws its own parameters from its seeded rng (the order of draws is part of each
-mapper's reproducible stream); these helpers only apply them.
+mapper's reproducible stream); these helpers apply them, or draw one named group of them.
 """
 from __future__ import annotations
 
@@ -12,9 +12,27 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-__all__ = ["apply_color_jitter", "blur_kernel_size", "gaussian_blur"]
+__all__ = ["apply_color_jitter", "blur_kernel_size", "check_color_jitter", "gaussian_blur", "jitter_factors",
+           "to_format"]
 
 _JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def check_color_jitter(strengths: Sequence[float], name: str) -> tuple:
+    """(brightness, contrast, saturation, hue) strengths as floats, each >= 0 and hue <= 0.5."""
+    strengths = tuple(float(v) for v in strengths)
+    if len(strengths) != 4 or min(strengths) < 0 or strengths[3] > 0.5:
+        raise ValueError(f"{name} must be (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
+                         f"got {strengths}")
+    return strengths
+
+
+def jitter_factors(rng, strengths: Sequence[float]) -> tuple:
+    """torchvision ColorJitter's parameters, drawn from rng in this order: brightness, contrast and
+    saturation factors uniform in [max(0, 1 - s), 1 + s] for strength s, hue shift in [-h, h]."""
+    b, c, s, h = strengths
+    return (rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
+            rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h))
 
 
 def apply_color_jitter(img: torch.Tensor, factors: Sequence[float], order: Sequence[int],
@@ -46,6 +64,11 @@ def blur_kernel_size(height: int, width: int, sigma: float, max_fraction: float 
     k = max(3, k)
     k = k if k % 2 == 1 else k + 1
     return min(k, 2 * (short - 1) + 1)  # reflect padding needs k // 2 < short
+
+
+def to_format(rgb: torch.Tensor, image_format: str) -> torch.Tensor:
+    """A (..., 3, H, W) RGB tensor in the channel order of image_format ("RGB" or "BGR"), contiguous."""
+    return (rgb.flip(-3) if image_format == "BGR" else rgb).contiguous()
 
 
 def gaussian_blur(img: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:

@@ -66,16 +66,12 @@ class SeededMapDataset(torchdata.Dataset):
             if out is not None:
                 return out
             self.num_skipped += 1
-            logger.warning(
-                f"Pretraining sample at position {position}: image id {record.get('image_id')} "
-                f"({record.get('file_name')}) gave no usable views; drawing another image "
-                f"({self.num_skipped} skipped in this worker so far)"
-            )
+            logger.warning(f"Pretraining sample at position {position}: image id {record.get('image_id')} "
+                           f"({record.get('file_name')}) gave no usable views; drawing another image "
+                           f"({self.num_skipped} skipped in this worker so far)")
             index = int(rng.integers(len(self._dicts)))
-        raise RuntimeError(
-            f"{self._max_retries + 1} images in a row gave no usable views at position {position}: "
-            "check the images and the box source (see the warnings above)"
-        )
+        raise RuntimeError(f"{self._max_retries + 1} images in a row gave no usable views at position {position}: "
+                           "check the images and the box source (see the warnings above)")
 
 
 def build_pretrain_loader(dataset_dicts: list[dict], sampler, mapper: Callable, *, seed: int,

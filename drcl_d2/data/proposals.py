@@ -41,16 +41,12 @@ def _entries(json_file: str) -> list:
     data = read_json_file(json_file, "proposals file")
     if isinstance(data, dict):
         if not isinstance(data.get("annotations"), list):
-            raise ValueError(
-                f"proposals file {json_file}: a JSON object must hold an 'annotations' list "
-                f"(found keys {sorted(data)[:10]}); or give a detection-results list"
-            )
+            raise ValueError(f"proposals file {json_file}: a JSON object must hold an 'annotations' list "
+                             f"(found keys {sorted(data)[:10]}); or give a detection-results list")
         return data["annotations"]
     if not isinstance(data, list):
-        raise ValueError(
-            f"proposals file {json_file}: expected a detection-results list or an object with "
-            f"'annotations', found {type(data).__name__}"
-        )
+        raise ValueError(f"proposals file {json_file}: expected a detection-results list or an object with "
+                         f"'annotations', found {type(data).__name__}")
     return data
 
 
@@ -59,8 +55,7 @@ def _is_number(v) -> bool:
 
 
 def load_proposals(json_file: str, image_ids: Iterable[int] | None) -> tuple[dict[int, np.ndarray], dict]:
-    """Class-agnostic boxes per image from a COCO/LVIS-json file: either a detection-results list
-    [{"image_id", "bbox": [x,y,w,h], "score"?}, ...] or a dict with "annotations" of that form.
+    """Class-agnostic boxes per image from a proposals file (either form, see the module doc).
 
     Args:
         json_file: the proposals file.
@@ -73,28 +68,20 @@ def load_proposals(json_file: str, image_ids: Iterable[int] | None) -> tuple[dic
     entries = _entries(json_file)
     wanted = None if image_ids is None else set(image_ids)
     per_image: dict[int, list[tuple[float, int, list[float]]]] = {}
-    non_finite, degenerate, unknown_ids = [], [], set()
-    unknown_entries = 0
+    non_finite, degenerate, unknown = [], [], []  # unknown: the image id of each entry for another image
     for k, entry in enumerate(entries):
         if not isinstance(entry, dict) or "image_id" not in entry or "bbox" not in entry:
-            raise ValueError(
-                f"proposals file {json_file}: entry {k} must be an object with 'image_id' and "
-                f"'bbox', got {str(entry)[:200]}"
-            )
+            raise ValueError(f"proposals file {json_file}: entry {k} must be an object with 'image_id' and "
+                             f"'bbox', got {str(entry)[:200]}")
         bbox, image_id = entry["bbox"], entry["image_id"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            raise ValueError(
-                f"proposals file {json_file}: entry {k} (image id {image_id}) has bbox {str(bbox)[:100]}, "
-                "expected [x, y, w, h] numbers"
-            )
+            raise ValueError(f"proposals file {json_file}: entry {k} (image id {image_id}) has bbox "
+                             f"{str(bbox)[:100]}, expected [x, y, w, h] numbers")
         score = entry.get("score", 1.0)
         if not _is_number(score):
-            raise ValueError(
-                f"proposals file {json_file}: entry {k} (image id {image_id}) has score {score!r}"
-            )
+            raise ValueError(f"proposals file {json_file}: entry {k} (image id {image_id}) has score {score!r}")
         if wanted is not None and image_id not in wanted:
-            unknown_entries += 1
-            unknown_ids.add(image_id)
+            unknown.append(image_id)
             continue
         if not all(math.isfinite(v) for v in bbox) or not math.isfinite(score):
             non_finite.append((image_id, bbox))
@@ -106,21 +93,13 @@ def load_proposals(json_file: str, image_ids: Iterable[int] | None) -> tuple[dic
         # k breaks score ties: file order is kept for equal (or absent) scores.
         per_image.setdefault(image_id, []).append((-float(score), k, [x, y, x + w, y + h]))
 
-    if non_finite:
-        logger.warning(
-            f"{json_file}: dropped {len(non_finite)} non-finite proposal box(es) "
-            f"(image id, box): {name_some(non_finite)}"
-        )
-    if degenerate:
-        logger.warning(
-            f"{json_file}: dropped {len(degenerate)} degenerate proposal box(es) (width or height "
-            f"< {MIN_SIDE:g} px) (image id, box): {name_some(degenerate)}"
-        )
-    if unknown_entries:
-        logger.info(
-            f"{json_file}: ignored {unknown_entries} proposal(s) of {len(unknown_ids)} image id(s) "
-            f"not in the dataset: {name_some(sorted(unknown_ids, key=str))}"
-        )
+    for dropped, what in ((non_finite, "non-finite proposal box(es)"),
+                          (degenerate, f"degenerate proposal box(es) (width or height < {MIN_SIDE:g} px)")):
+        if dropped:
+            logger.warning(f"{json_file}: dropped {len(dropped)} {what} (image id, box): {name_some(dropped)}")
+    if unknown:
+        logger.info(f"{json_file}: ignored {len(unknown)} proposal(s) of {len(set(unknown))} image id(s) "
+                    f"not in the dataset: {name_some(sorted(set(unknown), key=str))}")
     proposals = {
         image_id: np.asarray([b for _, _, b in sorted(rows)], dtype=np.float32).reshape(-1, 4)
         for image_id, rows in per_image.items()
@@ -131,12 +110,10 @@ def load_proposals(json_file: str, image_ids: Iterable[int] | None) -> tuple[dic
         "images": len(proposals),
         "non_finite": len(non_finite),
         "degenerate": len(degenerate),
-        "unknown_image_entries": unknown_entries,
-        "unknown_images": len(unknown_ids),
+        "unknown_image_entries": len(unknown),
+        "unknown_images": len(set(unknown)),
     }
-    logger.info(
-        f"Loaded {stats['boxes']} proposals for {stats['images']} images from {json_file}"
-    )
+    logger.info(f"Loaded {stats['boxes']} proposals for {stats['images']} images from {json_file}")
     return proposals, stats
 
 
@@ -165,9 +142,7 @@ def check_proposals_against_images(proposals: dict[int, np.ndarray], dataset_dic
             missing.append(image_id)
             continue
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        fitted = boxes.copy()
-        fitted[:, [0, 2]] = fitted[:, [0, 2]].clip(0, d["width"])
-        fitted[:, [1, 3]] = fitted[:, [1, 3]].clip(0, d["height"])
+        fitted = boxes.clip(0, np.array([d["width"], d["height"], d["width"], d["height"]], boxes.dtype))
         clipped += int((fitted != boxes).any(axis=1).sum())
         good = ((fitted[:, 2] - fitted[:, 0]) >= MIN_SIDE) & ((fitted[:, 3] - fitted[:, 1]) >= MIN_SIDE)
         degenerate.extend((image_id, boxes[i].tolist()) for i in np.flatnonzero(~good))
@@ -180,20 +155,14 @@ def check_proposals_against_images(proposals: dict[int, np.ndarray], dataset_dic
     if clipped:
         logger.info(f"clipped {clipped} proposal box(es) that reached outside their image")
     if degenerate:
-        logger.warning(
-            f"dropped {len(degenerate)} proposal box(es) with width or height < {MIN_SIDE:g} px after "
-            f"clipping to the image (image id, box): {name_some(degenerate)}"
-        )
+        logger.warning(f"dropped {len(degenerate)} proposal box(es) with width or height < {MIN_SIDE:g} px after "
+                       f"clipping to the image (image id, box): {name_some(degenerate)}")
     if missing:
-        logger.warning(
-            f"{len(missing)} of {len(dataset_dicts)} images have no proposals and are left out of "
-            f"pretraining: image ids {name_some(missing)}"
-        )
+        logger.warning(f"{len(missing)} of {len(dataset_dicts)} images have no proposals and are left out of "
+                       f"pretraining: image ids {name_some(missing)}")
     if not kept:
-        raise ValueError(
-            f"none of the {len(dataset_dicts)} dataset images has a proposal: are the proposals "
-            "file and the dataset the same (image ids)?"
-        )
+        raise ValueError(f"none of the {len(dataset_dicts)} dataset images has a proposal: are the proposals "
+                         "file and the dataset the same (image ids)?")
     stats = {
         "clipped": clipped,
         "degenerate_after_clip": len(degenerate),
@@ -213,10 +182,8 @@ def load_proposals_from_config(cfg, dataset_dicts: list[dict]) -> tuple[dict[int
     """
     files = list(cfg.INPUT.TWO_VIEW.PROPOSAL_FILES)
     if len(files) != len(cfg.DATASETS.TRAIN):
-        raise ValueError(
-            f"INPUT.TWO_VIEW.PROPOSAL_FILES has {len(files)} file(s) but DATASETS.TRAIN has "
-            f"{len(cfg.DATASETS.TRAIN)} dataset(s): give one proposals file per dataset"
-        )
+        raise ValueError(f"INPUT.TWO_VIEW.PROPOSAL_FILES has {len(files)} file(s) but DATASETS.TRAIN has "
+                         f"{len(cfg.DATASETS.TRAIN)} dataset(s): give one proposals file per dataset")
     image_ids = [d["image_id"] for d in dataset_dicts]
     merged: dict[int, np.ndarray] = {}
     stats: dict = {}

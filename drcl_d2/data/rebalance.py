@@ -59,16 +59,11 @@ class CategoryStatistics:
             anns = record.get("annotations", ())
             image_index.extend([i] * len(anns))
             category_id.extend(ann["category_id"] for ann in anns)
-        return cls.from_instances(
-            len(dataset_dicts),
-            np.asarray(image_index, dtype=np.int64),
-            np.asarray(category_id, dtype=np.int64),
-        )
+        return cls.from_instances(len(dataset_dicts), np.asarray(image_index, dtype=np.int64),
+                                  np.asarray(category_id, dtype=np.int64))
 
     @classmethod
-    def from_instances(
-        cls, num_images: int, image_index: np.ndarray, category_id: np.ndarray
-    ) -> "CategoryStatistics":
+    def from_instances(cls, num_images: int, image_index: np.ndarray, category_id: np.ndarray) -> "CategoryStatistics":
         """Statistics from one (image index, category id) row per instance."""
         if num_images <= 0:
             raise ValueError("Dynamic Rebalancing needs a non-empty training set (got 0 images).")
@@ -78,17 +73,9 @@ class CategoryStatistics:
         instance_counts = np.bincount(cat_pos, minlength=len(category_ids))
         # Distinct (image, category) pairs: an image counts once per category, as in RFS.
         pair_key = np.unique(image_index * len(category_ids) + cat_pos)
-        pair_image = pair_key // max(len(category_ids), 1)
-        pair_category = pair_key % max(len(category_ids), 1)
+        pair_image, pair_category = np.divmod(pair_key, max(len(category_ids), 1))
         image_counts = np.bincount(pair_category, minlength=len(category_ids))
-        return cls(
-            num_images=int(num_images),
-            category_ids=category_ids,
-            image_counts=image_counts,
-            instance_counts=instance_counts,
-            pair_image=pair_image,
-            pair_category=pair_category,
-        )
+        return cls(int(num_images), category_ids, image_counts, instance_counts, pair_image, pair_category)
 
     def image_frequency(self) -> np.ndarray:
         """f_im(c): fraction of images that contain c. (C,) float64."""
@@ -146,13 +133,8 @@ def image_repeat_factors(stats: CategoryStatistics, category_factors: np.ndarray
 class DynamicRepeatFactors:
     """r_I(α_d) for a training set: the statistics are computed once, each α a vectorised pass."""
 
-    def __init__(
-        self,
-        stats: CategoryStatistics,
-        repeat_thresh: float,
-        instance_frequency: str = "fraction_of_instances",
-        sqrt: bool = True,
-    ):
+    def __init__(self, stats: CategoryStatistics, repeat_thresh: float,
+                 instance_frequency: str = "fraction_of_instances", sqrt: bool = True):
         self.stats = stats
         self.repeat_thresh = float(repeat_thresh)
         self.sqrt = sqrt

@@ -34,49 +34,37 @@ __all__ = [
 
 
 class _StartIterMixin:
-    """Skip the samples of iterations already trained: global position start_iter × batch."""
+    """Skip the samples of iterations already trained: global position start_iter × batch. On a
+    detectron2 sampler (argument, then keywords total_batch_size, shuffle=True, seed=None), its
+    own index stream from that position."""
 
     _start_iter: int = 0
-    _total_batch_size: int = 1
+
+    def __init__(self, arg, *, total_batch_size: int, shuffle: bool = True, seed: Optional[int] = None):
+        super().__init__(arg, shuffle=shuffle, seed=seed)
+        self._total_batch_size = int(total_batch_size)
 
     def set_start_iter(self, start_iter: int) -> None:
         self._start_iter = int(start_iter)
 
-    @property
-    def start_iter(self) -> int:
-        return self._start_iter
-
     def _start_position(self) -> int:
         return self._start_iter * self._total_batch_size
 
-
-class ResumableTrainingSampler(_StartIterMixin, TrainingSampler):
-    """detectron2's TrainingSampler (uniform) that resumes at the trainer's iteration."""
-
-    def __init__(self, size: int, *, total_batch_size: int, shuffle: bool = True, seed: Optional[int] = None):
-        super().__init__(size, shuffle=shuffle, seed=seed)
-        self._total_batch_size = int(total_batch_size)
-
     def __iter__(self):
         start = self._start_position() + self._rank
         yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
+
+
+class ResumableTrainingSampler(_StartIterMixin, TrainingSampler):
+    """detectron2's TrainingSampler (uniform; argument: the dataset size) that resumes at the
+    trainer's iteration."""
 
 
 class ResumableRepeatFactorTrainingSampler(_StartIterMixin, RepeatFactorTrainingSampler):
-    """detectron2's RepeatFactorTrainingSampler (RFS) that resumes at the trainer's iteration.
-
-    The index stream is detectron2's own; a resumed run replays (without loading images) the
-    positions it has already trained on.
+    """detectron2's RepeatFactorTrainingSampler (RFS; argument: the repeat factors) that resumes at
+    the trainer's iteration. The index stream is detectron2's own; a resumed run replays (without
+    loading images) the positions it has already trained on.
     """
-
-    def __init__(self, repeat_factors: torch.Tensor, *, total_batch_size: int, shuffle: bool = True,
-                 seed: Optional[int] = None):
-        super().__init__(repeat_factors, shuffle=shuffle, seed=seed)
-        self._total_batch_size = int(total_batch_size)
-
-    def __iter__(self):
-        start = self._start_position() + self._rank
-        yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
 
 
 @dataclass(frozen=True)
@@ -100,16 +88,8 @@ class DynamicRepeatFactorTrainingSampler(_StartIterMixin, Sampler):
     replay of the run, and every worker and rank agrees on α_d without talking to the trainer.
     """
 
-    def __init__(
-        self,
-        repeat_factors: DynamicRepeatFactors,
-        *,
-        total_batch_size: int,
-        max_iter: int,
-        period: int = 500,
-        shuffle: bool = True,
-        seed: Optional[int] = None,
-    ):
+    def __init__(self, repeat_factors: DynamicRepeatFactors, *, total_batch_size: int, max_iter: int, period: int = 500,
+                 shuffle: bool = True, seed: Optional[int] = None):
         """
         Args:
             repeat_factors: r_I(α) for the training list the loader indexes.
@@ -161,12 +141,6 @@ class DynamicRepeatFactorTrainingSampler(_StartIterMixin, Sampler):
         )
 
     # ---- the index stream -----------------------------------------------------------------
-    def _period_generator(self, period_index: int) -> torch.Generator:
-        g = torch.Generator()
-        # Distinct, reproducible streams per period; the constant spreads neighbouring periods.
-        g.manual_seed((self._seed * 0x9E3779B1 + period_index) % (2**63 - 1))
-        return g
-
     def _one_pass(self, factors: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """One RFS epoch: stochastic rounding of r_I, each index repeated, then shuffled. (~Σr_I,)"""
         int_part = torch.trunc(factors)
@@ -180,12 +154,11 @@ class DynamicRepeatFactorTrainingSampler(_StartIterMixin, Sampler):
         """The global stream of one period: period × total_batch_size dataset indices."""
         needed = self._period * self._total_batch_size
         factors = self.factors_of_period(period_index)
-        g = self._period_generator(period_index)
-        chunks, have = [], 0
-        while have < needed:
-            chunk = self._one_pass(factors, g)
-            chunks.append(chunk)
-            have += len(chunk)
+        # Distinct, reproducible streams per period; the constant spreads neighbouring periods.
+        g = torch.Generator().manual_seed((self._seed * 0x9E3779B1 + period_index) % (2**63 - 1))
+        chunks = [self._one_pass(factors, g)]
+        while sum(map(len, chunks)) < needed:
+            chunks.append(self._one_pass(factors, g))
         return torch.cat(chunks)[:needed]
 
     def _global_indices(self) -> Iterator[int]:

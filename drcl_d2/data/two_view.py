@@ -19,9 +19,9 @@ that is moved consistently by each view's geometric transform, so that box ``i``
    ``max_attempts`` tries; then the mapper returns None and the caller replaces the image.
 4. **Photometric, per view** ``v`` (0 or 1 indexes the two-valued settings): colour jitter with
    probability ``color_jitter_prob`` (the four ops in an order drawn from the rng, as
-   torchvision's ColorJitter), grayscale, Gaussian blur (sigma drawn from ``blur_sigma``, in view
-   pixels; odd kernel spanning +-3 sigma, at most ~10 % of the view's shorter side as BYOL's
-   23 px on 224 px crops, at least 3: see :func:`blur_kernel_size`), solarisation at 128.
+   torchvision's ColorJitter), grayscale (``grayscale_prob``), Gaussian blur (``blur_prob``; sigma
+   drawn from ``blur_sigma``, in view pixels; kernel side: :func:`blur_kernel_size`), solarisation
+   at 128 (``solarize_prob``).
 
 **Randomness.** Every random draw comes from the ``rng`` argument (a ``numpy.random.Generator``
 the caller seeds from (cfg.SEED, global sample position)); the mapper never touches numpy's,
@@ -50,15 +50,16 @@ from detectron2.data.transforms import (
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from .photometric import apply_color_jitter, blur_kernel_size, gaussian_blur
+from .jigsaw import CROP_RATIO  # drawn log-uniformly, as torchvision's RandomResizedCrop
+from .photometric import (apply_color_jitter, blur_kernel_size, check_color_jitter, gaussian_blur, jitter_factors,
+                          to_format)
+from .proposals import load_proposals_from_config
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TwoViewBoxMapper", "blur_kernel_size"]
 
 BOX_SOURCES = ("gt", "proposals", "random")
-# Crop aspect ratio (width / height) range, drawn log-uniformly (torchvision's RandomResizedCrop).
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 SOLARIZE_THRESHOLD = 128  # uint8 images
 
 
@@ -114,33 +115,24 @@ class TwoViewBoxMapper:
         max_attempts: int = 10,
         min_size_sampling: str = "choice",
     ):
-        """
+        """The settings the module doc's steps name, and:
+
         Args:
-            image_format: "RGB" or "BGR" (detectron2's INPUT.FORMAT; photometric ops need colour).
-            min_size, max_size, min_size_sampling: shortest-edge resize, as detectron2's
-                ResizeShortestEdge ("choice": one of min_size; "range": an int in [min, max]).
-            num_boxes: boxes chosen per image per call (at most).
-            box_source: "gt", "proposals" (then ``proposals`` maps image id -> (n, 4) XYXY
-                float array, original pixels) or "random".
-            crop_area: fraction of the resized image's area each crop covers, [min, max].
-            min_visible: a box leaves a view when less than this fraction of its area is inside.
-            min_box_size: a box is dropped when a clipped side is smaller (view pixels).
+            image_format: "RGB" or "BGR" (detectron2's INPUT.FORMAT), the views' channel order.
+            min_size_sampling: as detectron2's ResizeShortestEdge ("choice": one of min_size; "range":
+                an int in [min, max]).
+            proposals: with box_source "proposals", image id -> (n, 4) XYXY float array, original pixels.
             random_box_side: random boxes' sides as a fraction of the image side, [min, max].
             color_jitter: (brightness, contrast, saturation, hue) strengths.
-            color_jitter_prob, grayscale_prob: probabilities, both views.
             blur_prob, solarize_prob: per view [view1, view2] (or one number for both).
-            blur_sigma: Gaussian sigma range [min, max].
-            max_attempts: crops tried before giving up on an image.
         """
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"TwoViewBoxMapper needs INPUT.FORMAT 'RGB' or 'BGR', got {image_format!r}")
         if box_source not in BOX_SOURCES:
             raise ValueError(f"INPUT.TWO_VIEW.BOX_SOURCE must be one of {BOX_SOURCES}, got {box_source!r}")
         if box_source == "proposals" and proposals is None:
-            raise ValueError(
-                "INPUT.TWO_VIEW.BOX_SOURCE is 'proposals' but no proposals were given: load them "
-                "with drcl_d2.data.proposals (INPUT.TWO_VIEW.PROPOSAL_FILES) and pass proposals="
-            )
+            raise ValueError("INPUT.TWO_VIEW.BOX_SOURCE is 'proposals' but no proposals were given: load them "
+                             "with drcl_d2.data.proposals (INPUT.TWO_VIEW.PROPOSAL_FILES) and pass proposals=")
         if min_size_sampling not in ("choice", "range"):
             raise ValueError(f"min_size_sampling must be 'choice' or 'range', got {min_size_sampling!r}")
         min_size = tuple(int(s) for s in ((min_size,) if isinstance(min_size, int) else min_size))
@@ -150,12 +142,6 @@ class TwoViewBoxMapper:
             raise ValueError(f"min_size_sampling 'range' needs min_size [min, max], got {min_size}")
         if int(num_boxes) < 1 or int(max_attempts) < 1:
             raise ValueError(f"num_boxes and max_attempts must be >= 1, got {num_boxes}, {max_attempts}")
-        color_jitter = tuple(float(v) for v in color_jitter)
-        if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
-            raise ValueError(
-                "color_jitter must be (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
-                f"got {color_jitter}"
-            )
         self.image_format = image_format
         self.min_size = min_size
         self.min_size_sampling = min_size_sampling
@@ -167,7 +153,7 @@ class TwoViewBoxMapper:
         self.min_visible = float(min_visible)
         self.min_box_size = float(min_box_size)
         self.random_box_side = _range(random_box_side, "random_box_side", 1e-6, 1.0)
-        self.color_jitter = color_jitter
+        self.color_jitter = check_color_jitter(color_jitter, "color_jitter")
         self.color_jitter_prob = float(color_jitter_prob)
         self.grayscale_prob = float(grayscale_prob)
         self.blur_prob = _pair(blur_prob, "blur_prob")
@@ -183,30 +169,15 @@ class TwoViewBoxMapper:
         by :func:`drcl_d2.data.proposals.load_proposals_from_config`.
         """
         tv = cfg.INPUT.TWO_VIEW
-        return {
-            "image_format": cfg.INPUT.FORMAT,
-            "min_size": tuple(cfg.INPUT.MIN_SIZE_TRAIN),
-            "max_size": cfg.INPUT.MAX_SIZE_TRAIN,
-            "min_size_sampling": cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
-            "num_boxes": tv.NUM_BOXES,
-            "box_source": tv.BOX_SOURCE,
-            "proposals": proposals,
-            "crop_area": tuple(tv.CROP_AREA),
-            "min_visible": tv.MIN_VISIBLE,
-            "min_box_size": tv.MIN_BOX_SIZE,
-            "random_box_side": tuple(tv.RANDOM_BOX_SIDE),
-            "color_jitter": tuple(tv.COLOR_JITTER),
-            "color_jitter_prob": tv.COLOR_JITTER_PROB,
-            "grayscale_prob": tv.GRAYSCALE_PROB,
-            "blur_prob": tv.BLUR_PROB,
-            "blur_sigma": tuple(tv.BLUR_SIGMA),
-            "solarize_prob": tv.SOLARIZE_PROB,
-            "max_attempts": tv.MAX_ATTEMPTS,
-        }
+        return {"image_format": cfg.INPUT.FORMAT, "min_size": tuple(cfg.INPUT.MIN_SIZE_TRAIN),
+                "max_size": cfg.INPUT.MAX_SIZE_TRAIN, "min_size_sampling": cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
+                "num_boxes": tv.NUM_BOXES, "box_source": tv.BOX_SOURCE, "proposals": proposals,
+                "crop_area": tv.CROP_AREA, "min_visible": tv.MIN_VISIBLE, "min_box_size": tv.MIN_BOX_SIZE,
+                "random_box_side": tv.RANDOM_BOX_SIDE, "color_jitter": tv.COLOR_JITTER,
+                "color_jitter_prob": tv.COLOR_JITTER_PROB, "grayscale_prob": tv.GRAYSCALE_PROB,
+                "blur_prob": tv.BLUR_PROB, "blur_sigma": tv.BLUR_SIGMA, "solarize_prob": tv.SOLARIZE_PROB,
+                "max_attempts": tv.MAX_ATTEMPTS}
 
-    # ------------------------------------------------------------------------------------------
-    # Boxes
-    # ------------------------------------------------------------------------------------------
     def _candidate_boxes(self, dataset_dict: dict, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         """(n, 4) float64 XYXY candidate boxes in original image pixels, clipped to the image."""
         if self.box_source == "gt":
@@ -220,10 +191,8 @@ class TwoViewBoxMapper:
             image_id = dataset_dict["image_id"]
             if image_id not in self.proposals:
                 # check_proposals_against_images drops such images: reaching here is a setup bug.
-                raise KeyError(
-                    f"no proposals for image id {image_id} ({dataset_dict.get('file_name')}): "
-                    "filter the dataset with drcl_d2.data.proposals.check_proposals_against_images"
-                )
+                raise KeyError(f"no proposals for image id {image_id} ({dataset_dict.get('file_name')}): "
+                               "filter the dataset with drcl_d2.data.proposals.check_proposals_against_images")
             boxes = np.asarray(self.proposals[image_id], dtype=np.float64).reshape(-1, 4)
         else:  # random: num_boxes boxes with sides a random fraction of the image's sides
             n = self.num_boxes
@@ -232,18 +201,13 @@ class TwoViewBoxMapper:
             x0 = rng.uniform(0.0, 1.0, size=n) * (w - bw)
             y0 = rng.uniform(0.0, 1.0, size=n) * (h - bh)
             boxes = np.stack([x0, y0, x0 + bw, y0 + bh], axis=1)
-        boxes = boxes.copy()
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
-        return boxes
+        return boxes.clip(0, [w, h, w, h])
 
     def _view_boxes(self, boxes: np.ndarray, tfm: TransformList, vh: int, vw: int):
         """Boxes (n, 4) moved into a view (vh, vw): (clipped boxes (n, 4), kept mask (n,))."""
-        moved = tfm.apply_box(boxes.copy())  # (n, 4) XYXY, not clipped
+        moved = tfm.apply_box(boxes)  # (n, 4) XYXY, not clipped (a new array)
         area = (moved[:, 2] - moved[:, 0]) * (moved[:, 3] - moved[:, 1])
-        clipped = moved.copy()
-        clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, vw)
-        clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, vh)
+        clipped = moved.clip(0, [vw, vh, vw, vh])
         cw = clipped[:, 2] - clipped[:, 0]
         ch = clipped[:, 3] - clipped[:, 1]
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -251,17 +215,13 @@ class TwoViewBoxMapper:
         keep = (visible >= self.min_visible) & (cw >= self.min_box_size) & (ch >= self.min_box_size)
         return clipped, keep
 
-    # ------------------------------------------------------------------------------------------
-    # Geometry
-    # ------------------------------------------------------------------------------------------
-    def _short_edge(self, rng: np.random.Generator) -> int:
-        if self.min_size_sampling == "range":
-            return int(rng.integers(self.min_size[0], self.min_size[1] + 1))
-        return int(self.min_size[rng.integers(len(self.min_size))])
-
     def _sample_view(self, h: int, w: int, rng: np.random.Generator) -> tuple[TransformList, int, int]:
         """Resize -> crop -> maybe flip, with parameters from rng: (transform, view h, view w)."""
-        rh, rw = ResizeShortestEdge.get_output_shape(h, w, self._short_edge(rng), self.max_size)
+        if self.min_size_sampling == "range":
+            short = int(rng.integers(self.min_size[0], self.min_size[1] + 1))
+        else:
+            short = int(self.min_size[rng.integers(len(self.min_size))])
+        rh, rw = ResizeShortestEdge.get_output_shape(h, w, short, self.max_size)
         area = rh * rw * rng.uniform(*self.crop_area)
         ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
         cw = min(max(int(round(math.sqrt(area * ratio))), 1), rw)
@@ -274,23 +234,16 @@ class TwoViewBoxMapper:
             tfms.append(HFlipTransform(cw))
         return TransformList(tfms), ch, cw
 
-    # ------------------------------------------------------------------------------------------
-    # Photometric
-    # ------------------------------------------------------------------------------------------
-    def _photometric(self, img: torch.Tensor, view: int, rng: np.random.Generator) -> torch.Tensor:
-        """MoCo v2 / BYOL colour ops on a uint8 RGB (3, H, W) tensor; parameters from rng."""
+    def _make_view(self, image: np.ndarray, tfm: TransformList, view: int, rng) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (3, h, w) uint8 view in image_format: the geometry of tfm, then the
+        MoCo v2 / BYOL colour ops with parameters from rng."""
+        img = torch.from_numpy(np.ascontiguousarray(tfm.apply_image(image).transpose(2, 0, 1)))  # (3, h, w)
         # Every draw happens whether or not its op runs, so the stream's length is fixed.
         jitter = rng.random() < self.color_jitter_prob
         order = rng.permutation(4)
-        b, c, s, hue = self.color_jitter
-        factors = (
-            rng.uniform(max(0.0, 1 - b), 1 + b),
-            rng.uniform(max(0.0, 1 - c), 1 + c),
-            rng.uniform(max(0.0, 1 - s), 1 + s),
-            rng.uniform(-hue, hue),
-        )
+        factors = jitter_factors(rng, self.color_jitter)
         if jitter:
-            img = apply_color_jitter(img, factors, order, strengths=(b, c, s, hue))
+            img = apply_color_jitter(img, factors, order, strengths=self.color_jitter)
         if rng.random() < self.grayscale_prob:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
         blur = rng.random() < self.blur_prob[view]
@@ -300,20 +253,8 @@ class TwoViewBoxMapper:
             img = gaussian_blur(img, k, sigma)
         if rng.random() < self.solarize_prob[view]:
             img = TF.solarize(img, threshold=SOLARIZE_THRESHOLD)
-        return img
+        return to_format(img, self.image_format)
 
-    def _make_view(self, image: np.ndarray, tfm: TransformList, view: int, rng) -> torch.Tensor:
-        """(H, W, 3) uint8 in image_format -> (3, h, w) uint8 view tensor in image_format."""
-        out = tfm.apply_image(image)  # (h, w, 3)
-        if self.image_format == "BGR":
-            out = out[:, :, ::-1]  # colour ops expect RGB
-        t = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))  # (3, h, w)
-        t = self._photometric(t, view, rng)
-        if self.image_format == "BGR":
-            t = t.flip(0)
-        return t.contiguous()
-
-    # ------------------------------------------------------------------------------------------
     def __call__(self, dataset_dict: dict, rng: np.random.Generator) -> dict | None:
         """Two views and shared boxes of one image, or None (unreadable, or no box survives)."""
         if not isinstance(rng, np.random.Generator):
@@ -321,11 +262,9 @@ class TwoViewBoxMapper:
         file_name = dataset_dict["file_name"]
         image_id = dataset_dict.get("image_id")
         try:
-            image = utils.read_image(file_name, format=self.image_format)  # (H, W, 3) uint8
+            image = utils.read_image(file_name, format="RGB")  # (H, W, 3) uint8; colour ops need RGB
         except (OSError, SyntaxError) as e:  # PIL's errors for unreadable / undecodable files
-            logger.warning(
-                f"Skipping unreadable image {file_name} (image id {image_id}): {type(e).__name__}: {e}"
-            )
+            logger.warning(f"Skipping unreadable image {file_name} (image id {image_id}): {type(e).__name__}: {e}")
             return None
         record = dict(dataset_dict)  # check_image_size fills height/width in: keep the input intact
         utils.check_image_size(record, image)
@@ -349,20 +288,11 @@ class TwoViewBoxMapper:
         else:
             logger.debug(f"image id {image_id}: no box survived {self.max_attempts} pairs of crops")
             return None
-
-        image_v1 = self._make_view(image, tfm1, 0, rng)
-        image_v2 = self._make_view(image, tfm2, 1, rng)
-        return {
-            "image_id": image_id,
-            "file_name": file_name,
-            "height": record["height"],
-            "width": record["width"],
-            "image_v1": image_v1,  # (3, h1, w1) uint8
-            "image_v2": image_v2,  # (3, h2, w2) uint8
-            "boxes_v1": torch.as_tensor(boxes1[keep], dtype=torch.float32),  # (n, 4)
-            "boxes_v2": torch.as_tensor(boxes2[keep], dtype=torch.float32),  # (n, 4)
-            "num_candidate_boxes": n_cand,
-        }
+        # The class doc's output; view 1 is drawn first (a dict display evaluates in order).
+        return {"image_id": image_id, "file_name": file_name, "height": record["height"], "width": record["width"],
+                "image_v1": self._make_view(image, tfm1, 0, rng), "image_v2": self._make_view(image, tfm2, 1, rng),
+                "boxes_v1": torch.as_tensor(boxes1[keep], dtype=torch.float32),
+                "boxes_v2": torch.as_tensor(boxes2[keep], dtype=torch.float32), "num_candidate_boxes": n_cand}
 
 
 def build_two_view_mapper(cfg, dataset_dicts: list[dict]):
@@ -373,7 +303,5 @@ def build_two_view_mapper(cfg, dataset_dicts: list[dict]):
     """
     proposals = None
     if cfg.INPUT.TWO_VIEW.BOX_SOURCE == "proposals":
-        from .proposals import load_proposals_from_config
-
         proposals, dataset_dicts, _ = load_proposals_from_config(cfg, dataset_dicts)
     return TwoViewBoxMapper(cfg, proposals=proposals), dataset_dicts

@@ -51,6 +51,7 @@ from .heads import MLPHead, ReconstructionDecoder
 from .losses import info_nce, info_nce_with_batch_negatives, same_image_mask
 from .momentum import (FeatureQueue, MicroBatchAware, MomentumUpdate, concat_all_gather, copy_params,
                        cosine_momentum, gather_variable)
+from ..utils import unpadded_size
 
 __all__ = ["DRCL", "BoxFeatureHead"]
 
@@ -140,8 +141,8 @@ class ValidRegions:
         self.offsets = dict(zip(self.strides, layout["offsets"]))
         self.level = layout["level"]  # (P,) stride index of each position
         sizes = torch.tensor(image_sizes, dtype=torch.long, device=device)  # (N, 2): one host-to-device copy
-        strides = layout["strides"]  # (S,)
-        cells = torch.div(sizes[:, :, None] + strides - 1, strides, rounding_mode="floor").clamp_(min=1)  # (N, 2, S)
+        cells = torch.stack(unpadded_size(sizes[:, 0, None], sizes[:, 1, None], layout["strides"]),
+                            dim=1).clamp_(min=1)  # (N, 2, S)
         self.counts = (cells[:, 0] * cells[:, 1]).to(torch.float32)  # (N, S) cells per image and stride
         inside = (layout["row"] < cells[:, 0][:, self.level]) & (layout["col"] < cells[:, 1][:, self.level])
         self.flat = inside.to(torch.float32)  # (N, P)
@@ -430,7 +431,7 @@ class DRCL(MicroBatchAware, nn.Module):
         shapes = {self.strides[f]: tuple(features[f].shape[-2:]) for f in names}
         h, w = images.tensor.shape[-2:]
         for s in extra_strides:
-            shapes.setdefault(s, (h // s, w // s))
+            shapes.setdefault(s, (h // s, w // s))  # avg_pool2d's map of the padded batch, not unpadded_size
         return ValidRegions(images.image_sizes, shapes, self.device)
 
     def forward(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
@@ -605,7 +606,7 @@ class DRCL(MicroBatchAware, nn.Module):
         """
         n, _, h, w = shape
         p = self.sr_patch_size
-        gh, gw = -(-h // p), -(-w // p)
+        gh, gw = unpadded_size(h, w, p)
         try:
             iteration = get_event_storage().iter
         except AssertionError:  # outside a trainer (unit tests)
@@ -666,7 +667,9 @@ class DRCL(MicroBatchAware, nn.Module):
         stride = self.decoder.out_stride
         target = F.avg_pool2d(images.tensor, stride)
         h, w = (min(hw) for hw in zip(*images.image_sizes))
-        h, w = max(1, h // stride), max(1, w // stride)  # the region every image fills
+        # The region every image fills: floor, not unpadded_size's ceil (a partly padded cell's
+        # pooled target mixes in padding).
+        h, w = max(1, h // stride), max(1, w // stride)
         health["decoder_active"] = (hidden > 0).float().mean()
         health["recon_corr"] = _batch_correlation(recon[:, :, :h, :w], target[:, :, :h, :w])
         health["recon_spatial_std"] = recon[:, :, :h, :w].flatten(2).std(dim=2).mean()
