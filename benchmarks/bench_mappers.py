@@ -40,9 +40,9 @@ def main():
     torch.set_num_threads(1)
 
     from drcl_d2.data.datasets import load_lvis_format_json
-    from drcl_d2.data.mappers import CheckedDatasetMapper
+    from drcl_d2.data.mappers import SkippingDatasetMapper
     from drcl_d2.data.synthetic import PRESETS, make_longtail_dataset
-    from drcl_d2.data.two_view import TwoViewBoxMapper
+    from drcl_d2.data.drcl_views import TwoViewBoxMapper
     from drcl_d2.modeling.detco import DetCo
 
     data = os.path.join(ROOT, args.data)
@@ -51,7 +51,7 @@ def main():
 
     finetune_cfg = cfg_from("configs/embedded/mask_rcnn_R_18_FPN_drb.yaml")
     mappers = {
-        "detectron2 DatasetMapper (resize + flip)": lambda: (CheckedDatasetMapper(finetune_cfg, True), False),
+        "detectron2 DatasetMapper (resize + flip)": lambda: (SkippingDatasetMapper(finetune_cfg, True), False),
         "2DRCL TwoViewBoxMapper (2 views + boxes)": lambda: (
             TwoViewBoxMapper(cfg_from("configs/embedded/drcl_R_18_FPN_embedded.yaml")), True),
         "MoCo v2 views (2 x 224)": lambda: (

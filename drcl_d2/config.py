@@ -148,7 +148,7 @@ def _add_drcl_model_config(cfg: CN) -> None:
 
 
 def _add_detco_config(cfg: CN) -> None:
-    """DetCo / MoCo v2 meta-architecture (drcl_d2.modeling.detco.DetCo) and its views (data.jigsaw)."""
+    """DetCo / MoCo v2 meta-architecture (drcl_d2.modeling.detco.DetCo) and its views (data.detco_views)."""
     # Unlabeled image folders [[name, folder], ...]: every image file under folder, no annotations.
     cfg.DATASETS.IMAGE_FOLDERS = []
 

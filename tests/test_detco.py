@@ -1,4 +1,4 @@
-"""DetCo / MoCo v2 (drcl_d2.modeling.detco, drcl_d2.data.jigsaw, drcl_d2.data.image_folder).
+"""DetCo / MoCo v2 (drcl_d2.modeling.detco, drcl_d2.data.detco_views, drcl_d2.data.image_folder).
 
 Losses against hand-computed values, queues, level weights, the momentum rule, the views and
 jigsaw patches, bad input, image folders, and pretrain_net.py end to end with exact resume.
@@ -33,7 +33,7 @@ from drcl_d2 import add_drcl_config  # noqa: E402
 from drcl_d2.checkpoint.convert import convert_checkpoint, detect_source  # noqa: E402
 from drcl_d2.data.build import build_train_dataset  # noqa: E402
 from drcl_d2.data.datasets import register_datasets_from_config  # noqa: E402
-from drcl_d2.data.jigsaw import DetCoViewMapper  # noqa: E402
+from drcl_d2.data.detco_views import DetCoViewMapper  # noqa: E402
 from drcl_d2.modeling.detco import DetCo  # noqa: E402
 
 DETCO_CONFIG = os.path.join(ROOT, "configs", "embedded", "detco_R_18_embedded.yaml")
@@ -479,7 +479,7 @@ def test_moco_v2_pretrains_on_an_image_folder_with_a_broken_file(tiny_dataset, t
     final = _model_state(out / "model_final.pth")
     # Each epoch of the 3 files meets the broken one: it is logged and replaced, training goes on.
     skips = [r.getMessage() for r in caplog.records
-             if r.name == "drcl_d2.data.pretrain" and "000_broken.jpg" in r.getMessage()]
+             if r.name == "drcl_d2.data.seeded_loader" and "000_broken.jpg" in r.getMessage()]
     assert skips and "drawing another image" in skips[0]
     assert int(final["queue_global.res5.ptr"]) == 2 * 2
     assert not any(k.startswith(("local_heads", "queue_local", "global_heads_q.res4")) for k in final)

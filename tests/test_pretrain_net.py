@@ -70,7 +70,7 @@ def test_pretrain_writes_full_checkpoints(straight):
     assert int(model["queue_hcl.ptr"]) == (4 * 2 * 2) % 16  # 4 iterations x 2 images x 2 views
     state = ckpt["trainer"]  # DefaultTrainer's state: optimizer, scheduler (LRScheduler hook), sampler
     assert "optimizer" in state["_trainer"] and "LRScheduler" in state["hooks"]
-    assert state["hooks"]["RebalanceHook"]["next_position"] == 8
+    assert state["hooks"]["TrainingSamplerHook"]["next_position"] == 8
     # The target moved with the online network but is not equal to it (EMA).
     assert not torch.equal(model["backbone.fpn_output2.weight"], model["target.backbone.fpn_output2.weight"])
     assert straight["alphas"] == {0: 0.0, 1: 0.25, 2: 0.5, 3: 0.75}

@@ -103,7 +103,7 @@ def test_two_tasks_join_one_process_group_and_train_with_ddp(tiny_dataset, tmp_p
     assert final["iteration"] == 1
     # 2 iterations x global batch 4 (2 per rank) x 2 views, gathered from both ranks (one rank's alone: 8).
     assert int(final["model"]["queue_hcl.ptr"]) == 2 * 4 * 2
-    assert final["trainer"]["hooks"]["RebalanceHook"]["next_position"] == 8
+    assert final["trainer"]["hooks"]["TrainingSamplerHook"]["next_position"] == 8
 
 
 def test_sbatch_script_asks_for_nodes_times_one_task_per_gpu(tmp_path, monkeypatch):

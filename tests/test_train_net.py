@@ -1,6 +1,7 @@
 """train_net.py end to end on the tiny embedded dataset: train, checkpoint, crash, resume, eval."""
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -59,7 +60,7 @@ class _Recorder(HookBase):
 
 
 class _RecordingLoader:
-    """Wraps the real loader; keeps it reachable as `.dataset` (how RebalanceHook finds the sampler)."""
+    """Wraps the real loader; keeps it reachable as `.dataset` (how TrainingSamplerHook finds the sampler)."""
 
     def __init__(self, loader, batches):
         self.dataset, self.batches = loader, batches
@@ -98,7 +99,7 @@ def test_train_writes_checkpoints_and_drb_metrics(straight_run):
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     ckpt = torch.load(out / "model_0000002.pth", weights_only=False)
     assert ckpt["iteration"] == 2
-    assert ckpt["trainer"]["hooks"]["RebalanceHook"] == {"sampler": "DynamicRepeatFactorTrainingSampler",
+    assert ckpt["trainer"]["hooks"]["TrainingSamplerHook"] == {"sampler": "DynamicRepeatFactorTrainingSampler",
                                                "total_batch_size": 2, "next_position": 6}
     log = straight_run["log"]
     # α_d = period start / MAX_ITER with PERIOD 2, MAX_ITER 6.
@@ -139,6 +140,16 @@ def test_resume_after_a_crash_continues_exactly(straight_run, tiny_dataset, tmp_
     # The resumed run sees exactly the images the uninterrupted run saw at iterations 3..5.
     assert resumed_batches == straight_run["batches"][3:6]
     assert batches[:4] == straight_run["batches"][:4]
+
+
+def test_a_checkpoint_from_before_the_hook_was_renamed_still_reaches_it(straight_run, caplog):
+    """Checkpoints name hook states by class: TrainingSamplerHook was RebalanceHook."""
+    trainer = straight_run["trainer"]
+    state = trainer.state_dict()
+    state["hooks"]["RebalanceHook"] = dict(state["hooks"].pop("TrainingSamplerHook"), total_batch_size=99)
+    with caplog.at_level(logging.WARNING):
+        trainer.load_state_dict(state)
+    assert "trained with 99" in caplog.text  # the sampler hook read the old entry and checked it
 
 
 def test_eval_only_reports_lvis_metrics(straight_run, tiny_dataset, tmp_path):

@@ -7,7 +7,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.utils import comm
 
-from .mappers import CheckedDatasetMapper
+from .mappers import SkippingDatasetMapper
 from .rebalance import CategoryStatistics, DynamicRepeatFactors
 from .samplers import (
     DynamicRepeatFactorTrainingSampler,
@@ -84,8 +84,8 @@ def build_lvis_train_loader(cfg, mapper=None, dataset: list[dict] | None = None)
         dataset = build_train_dataset(cfg)
     sampler = build_train_sampler(cfg, dataset)
     if mapper is None:
-        mapper = CheckedDatasetMapper(cfg, is_train=True)
-    if isinstance(mapper, CheckedDatasetMapper):
+        mapper = SkippingDatasetMapper(cfg, is_train=True)
+    if isinstance(mapper, SkippingDatasetMapper):
         mapper.dataset_size = len(dataset)  # all images unusable: a clear error, not an empty draw
     # Loader batches are micro-batches (SOLVER.ACCUM_STEPS); the sampler counts whole steps.
     return build_detection_train_loader(cfg, dataset=dataset, sampler=sampler, mapper=mapper,
@@ -132,6 +132,6 @@ class SkippingTestLoader:
 def build_checked_test_loader(cfg, dataset_name: str):
     """detectron2's test loader with the checked mapper: an unusable image is skipped with a warning
     naming its file and image id, instead of stopping the evaluation at the end of training."""
-    mapper = _MarkSkipped(CheckedDatasetMapper(cfg, is_train=False))
+    mapper = _MarkSkipped(SkippingDatasetMapper(cfg, is_train=False))
     loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
     return SkippingTestLoader(loader, dataset_name)

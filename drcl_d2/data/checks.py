@@ -20,7 +20,7 @@ Each is an error that names the dataset, the json, the first few ids and the con
 
 Decoding every image (real sizes, unreadable files) is too slow here at LVIS scale: it is the opt-in
 ``python -m drcl_d2.tools.check_dataset``; at training time the mapper skips such images with a
-warning (:class:`drcl_d2.data.mappers.CheckedDatasetMapper`).
+warning (:class:`drcl_d2.data.mappers.SkippingDatasetMapper`).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ image id or annotation id at fault:
 - image files missing on disk: error listing how many and the first few (checked when the json is
   loaded, before the model is built, by the first process of each machine; DATASETS.CHECK_IMAGE_FILES
   False turns it off for storage where stat-ing 100k files is slow); a file that exists but cannot be decoded is handled by the mapper
-  (:class:`drcl_d2.data.mappers.CheckedDatasetMapper`).
+  (:class:`drcl_d2.data.mappers.SkippingDatasetMapper`).
 """
 from __future__ import annotations
 

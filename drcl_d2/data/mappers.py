@@ -10,7 +10,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckedDatasetMapper", "image_mode"]
+__all__ = ["SkippingDatasetMapper", "image_mode"]
 
 
 def image_mode(file_name: str) -> str:
@@ -22,8 +22,8 @@ def image_mode(file_name: str) -> str:
         return "?"
 
 
-class CheckedDatasetMapper(DatasetMapper):
-    """detectron2's DatasetMapper that skips an image it cannot use, with a warning.
+class SkippingDatasetMapper(DatasetMapper):
+    """detectron2's DatasetMapper that skips (returns None for) an image it cannot use, with a warning.
 
     Skipped, with a warning naming the file and image id (the mapper returns None and detectron2's
     MapDataset draws another image in its place; the test loader drops the image, see

@@ -3,7 +3,7 @@
 detectron2's samplers run inside each data-loader worker and restart from their seed on
 ``--resume``. Here every sampler maps a *global sample position* p to an index deterministically,
 and p = iteration × total_batch_size; so a sampler told the start iteration (``set_start_iter``,
-done by :class:`drcl_d2.engine.hooks.RebalanceHook` before the loader's workers start) resumes
+done by :class:`drcl_d2.engine.hooks.TrainingSamplerHook` before the loader's workers start) resumes
 exactly where the interrupted run stopped, with any number of workers and ranks.
 
 Sharding is detectron2's: rank r takes global positions r, r + W, r + 2W, ...; detectron2's
@@ -69,7 +69,7 @@ class ResumableRepeatFactorTrainingSampler(_StartIterMixin, RepeatFactorTraining
 
 @dataclass(frozen=True)
 class RebalanceState:
-    """What the DRB sampler uses during one recompute period (logged by RebalanceHook)."""
+    """What the DRB sampler uses during one recompute period (logged by TrainingSamplerHook)."""
 
     period_index: int
     alpha: float  # α_d of the period

@@ -1,3 +1,3 @@
 from .checkpoint import AtomicDetectionCheckpointer, atomic_torch_save
-from .hooks import RebalanceHook, find_train_sampler
+from .hooks import TrainingSamplerHook, find_train_sampler
 from .trainer import Trainer, build_evaluator, launch_from_args, setup

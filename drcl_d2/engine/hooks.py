@@ -11,7 +11,7 @@ from ..data.samplers import DynamicRepeatFactorTrainingSampler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RebalanceHook", "find_train_sampler", "StopOnRequestHook", "TrainingStopped", "request_stop",
+__all__ = ["TrainingSamplerHook", "find_train_sampler", "StopOnRequestHook", "TrainingStopped", "request_stop",
            "stopped_at_iteration"]
 
 
@@ -30,8 +30,8 @@ def find_train_sampler(data_loader):
     return None
 
 
-class RebalanceHook(HookBase):
-    """Keeps the training sampler on the trainer's iteration and logs Dynamic Rebalancing.
+class TrainingSamplerHook(HookBase):
+    """Keeps the training sampler (uniform, RFS or DRB) on the trainer's iteration; logs Dynamic Rebalancing.
 
     - before_train: tells the sampler the start iteration (0, or the resumed one). The loader's
       workers are forked at the first step, after this, so each worker's copy starts there too.

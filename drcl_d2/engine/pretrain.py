@@ -25,9 +25,9 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.build import build_train_sampler, micro_batch_size
-from ..data.pretrain import build_pretrain_loader
+from ..data.seeded_loader import build_pretrain_loader
 from .checkpoint import AtomicDetectionCheckpointer
-from .hooks import RebalanceHook, find_train_sampler
+from .hooks import TrainingSamplerHook, find_train_sampler
 from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class PretrainTrainer(Trainer):
     def build_hooks(self):
         cfg = self.cfg
         ret = [
-            RebalanceHook(find_train_sampler(self.data_loader), cfg.SOLVER.IMS_PER_BATCH),
+            TrainingSamplerHook(find_train_sampler(self.data_loader), cfg.SOLVER.IMS_PER_BATCH),
             hooks.IterationTimer(),
             hooks.LRScheduler(),
             TargetNetworkHook(),

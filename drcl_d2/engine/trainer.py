@@ -13,7 +13,7 @@ What differs from DefaultTrainer, and why:
 - checkpoints are written atomically (stale temporaries of a crashed write removed at start-up);
   loading MODEL.WEIGHTS says how much of the model it set, and stops when it set less than half
   of the backbone (unless MODEL.ALLOW_PARTIAL_WEIGHTS);
-- RebalanceHook keeps the sampler on the trainer's iteration and logs Dynamic Rebalancing;
+- TrainingSamplerHook keeps the sampler on the trainer's iteration and logs Dynamic Rebalancing;
 - StopOnRequestHook checkpoints and stops between steps when the SLURM launcher is signalled;
 - SOLVER.ACCUM_STEPS > 1: gradient accumulation (drcl_d2.engine.accumulate);
 - DDP without device_ids on CPU, so `--num-gpus 2` runs as 2 gloo processes (tests do this).
@@ -39,7 +39,7 @@ from ..modeling.box_predictor import check_roi_heads_read_cls_loss, provide_clas
 from ..utils import load_config
 from .accumulate import AccumulatingTrainer
 from .checkpoint import AtomicDetectionCheckpointer, require_backbone_loaded
-from .hooks import RebalanceHook, StopOnRequestHook, find_train_sampler
+from .hooks import TrainingSamplerHook, StopOnRequestHook, find_train_sampler
 
 __all__ = ["Trainer", "setup", "launch_from_args", "build_evaluator", "ddp_device_ids"]
 
@@ -118,8 +118,14 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         hooks = super().build_hooks()
         # First, so the sampler knows the start iteration before anything touches the loader.
-        hooks.insert(0, RebalanceHook(find_train_sampler(self.data_loader), self.cfg.SOLVER.IMS_PER_BATCH))
+        hooks.insert(0, TrainingSamplerHook(find_train_sampler(self.data_loader), self.cfg.SOLVER.IMS_PER_BATCH))
         return hooks
+
+    def load_state_dict(self, state_dict):
+        hooks = state_dict.get("hooks", {})
+        if "RebalanceHook" in hooks:  # the hook's name in checkpoints written before its rename
+            hooks["TrainingSamplerHook"] = hooks.pop("RebalanceHook")
+        super().load_state_dict(state_dict)
 
     def resume_or_load(self, resume=True):
         resuming = resume and self.checkpointer.has_checkpoint()

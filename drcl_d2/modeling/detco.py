@@ -41,8 +41,8 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.utils import comm
 from torch import nn
 
-from ..data.jigsaw import GRID, DetCoViewMapper
-from .momentum import (FeatureQueue, MicroBatchAware, MomentumUpdate, PendingKeysCheckpoint, concat_all_gather,
+from ..data.detco_views import GRID, DetCoViewMapper
+from .momentum import (DetectorModules, FeatureQueue, MicroBatchAware, MomentumUpdate, PendingKeysCheckpoint, concat_all_gather,
                        copy_params, write_keys)
 
 __all__ = ["DetCo", "mlp_head"]
@@ -61,14 +61,6 @@ def _zeros(n: int, device: torch.device) -> torch.Tensor:
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """MoCo v2's projection head: Linear -> ReLU -> Linear."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-
-
-class _OnlineNetwork(nn.Module):
-    """What MODEL.WEIGHTS loads into: ``backbone`` is the query encoder (not a copy)."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
 
 
 @META_ARCH_REGISTRY.register()
@@ -200,7 +192,7 @@ class DetCo(MicroBatchAware, PendingKeysCheckpoint, nn.Module):
 
     def online_network(self) -> nn.Module:
         """The module MODEL.WEIGHTS is loaded into: ``.backbone`` is the query encoder."""
-        return _OnlineNetwork(self.encoder_q)
+        return DetectorModules(backbone=self.encoder_q)
 
     def _key_modules(self):
         return ((self.encoder_q, self.encoder_k), (self.global_heads_q, self.global_heads_k),

@@ -4,7 +4,7 @@ The whole detector is pretrained: the online network is a detectron2 ResNet-FPN 
 and the standard RoI box pooler + box head, under GeneralizedRCNN's module names, so every
 pretrained module converts into a Faster / Mask R-CNN (drcl-convert). A target network, an
 exponential moving average of the online one, gives the keys. Per image: two views and a shared
-box set (drcl_d2.data.two_view). Losses (SPEC §2):
+box set (drcl_d2.data.drcl_views). Losses (SPEC §2):
 
     HCL  holistic InfoNCE on global embeddings, target keys of the other view, queue negatives
     LCL  the same on box embeddings (RoIAlign -> box head), other boxes + box queue as negatives
@@ -49,7 +49,7 @@ from torch import nn
 
 from .heads import MLPHead, ReconstructionDecoder
 from .losses import info_nce, info_nce_with_batch_negatives, same_image_mask
-from .momentum import (FeatureQueue, MicroBatchAware, MomentumUpdate, concat_all_gather, copy_params,
+from .momentum import (DetectorModules, FeatureQueue, MicroBatchAware, MomentumUpdate, concat_all_gather, copy_params,
                        cosine_momentum, gather_variable)
 from ..utils import unpadded_size
 
@@ -99,16 +99,6 @@ class BoxFeatureHead(nn.Module):
         for level in range(1, len(poolers)):
             out = torch.where((levels == level)[:, None, None, None], poolers[level](features[level], rois), out)
         return out
-
-
-class OnlineDetectorView(nn.Module):
-    """The online modules under GeneralizedRCNN's names, for loading MODEL.WEIGHTS into them."""
-
-    def __init__(self, model: "DRCL"):
-        super().__init__()
-        self.backbone = model.backbone
-        self.proposal_generator = model.proposal_generator
-        self.roi_heads = model.roi_heads
 
 
 class TargetNetwork(nn.Module):
@@ -353,7 +343,7 @@ class DRCL(MicroBatchAware, nn.Module):
     @classmethod
     def build_mapper(cls, cfg, dataset_dicts):
         """The two-view box mapper, and the pretraining list (images without proposals dropped)."""
-        from ..data.two_view import build_two_view_mapper
+        from ..data.drcl_views import build_two_view_mapper
 
         return build_two_view_mapper(cfg, dataset_dicts)
 
@@ -368,7 +358,8 @@ class DRCL(MicroBatchAware, nn.Module):
 
     # ---- target network -------------------------------------------------------------------
     def online_network(self) -> nn.Module:
-        return OnlineDetectorView(self)
+        return DetectorModules(backbone=self.backbone, proposal_generator=self.proposal_generator,
+                               roi_heads=self.roi_heads)
 
     def _online_target_pairs(self):
         t = self.target

@@ -16,7 +16,7 @@ from torch import nn
 
 QUEUE_SEED = 20210101  # initial queue keys: the same on every rank (FeatureQueue)
 
-__all__ = ["concat_all_gather", "FeatureQueue", "MicroBatchAware", "PendingKeysCheckpoint", "write_keys", "copy_params",
+__all__ = ["concat_all_gather", "DetectorModules", "FeatureQueue", "MicroBatchAware", "PendingKeysCheckpoint", "write_keys", "copy_params",
            "MomentumUpdate", "momentum_update", "cosine_momentum"]
 
 
@@ -93,6 +93,17 @@ def _arange(n: int, device: torch.device) -> torch.Tensor:
 
 
 _QUEUE_BUFFERS = ("keys", "ids", "ptr", "num_filled")
+
+
+class DetectorModules(nn.Module):
+    """A pretraining model's online modules under GeneralizedRCNN's attribute names (``backbone``,
+    and for 2DRCL ``proposal_generator`` and ``roi_heads``): what MODEL.WEIGHTS loads into, by
+    detectron2's key names. Holds the modules themselves, not copies."""
+
+    def __init__(self, **modules: nn.Module):
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
 
 
 class PendingKeysCheckpoint:

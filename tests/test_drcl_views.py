@@ -11,7 +11,7 @@ from PIL import Image
 
 from drcl_d2 import add_drcl_config
 from drcl_d2.data.datasets import load_lvis_format_json
-from drcl_d2.data.two_view import TwoViewBoxMapper, blur_kernel_size
+from drcl_d2.data.drcl_views import TwoViewBoxMapper, blur_kernel_size
 
 H, W = 200, 300
 BACKGROUND = (128, 128, 128)
@@ -241,7 +241,7 @@ def test_none_when_no_box_can_survive(rect_image, tmp_path):
 def test_unreadable_image_returns_none_with_warning(rect_image, tmp_path, caplog):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"this is not a jpeg")
-    with caplog.at_level(logging.WARNING, logger="drcl_d2.data.two_view"):
+    with caplog.at_level(logging.WARNING, logger="drcl_d2.data.drcl_views"):
         out = _mapper()(dict(rect_image, file_name=str(bad), image_id=99), np.random.default_rng(0))
     assert out is None
     assert str(bad) in caplog.text and "image id 99" in caplog.text

@@ -50,7 +50,7 @@ from detectron2.data.transforms import (
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from .jigsaw import CROP_RATIO  # drawn log-uniformly, as torchvision's RandomResizedCrop
+from .detco_views import CROP_RATIO  # drawn log-uniformly, as torchvision's RandomResizedCrop
 from .photometric import (apply_color_jitter, blur_kernel_size, check_color_jitter, gaussian_blur, jitter_factors,
                           to_format)
 from .proposals import load_proposals_from_config

@@ -14,7 +14,7 @@
   ``patch_size`` x ``patch_size`` crop inside each cell.
 
 **Randomness.** Every random draw comes from the ``rng`` argument (a ``numpy.random.Generator``
-seeded by the loader from (cfg.SEED, global sample position), :mod:`drcl_d2.data.pretrain`). The
+seeded by the loader from (cfg.SEED, global sample position), :mod:`drcl_d2.data.seeded_loader`). The
 mapper only samples parameters from ``rng`` and applies deterministic
 ``torchvision.transforms.v2.functional`` ops; it never touches numpy's, torch's or Python's
 global generators, so a resumed run maps every sample exactly as the uninterrupted one did.
