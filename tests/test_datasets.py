@@ -272,11 +272,12 @@ def _mask_cfg(name, json_file, root, mask_format="polygon"):
 def test_masks_must_fit_the_mask_head_before_training(tmp_path):
     """RLE under INPUT.MASK_FORMAT polygon, or annotations without segmentation under Mask R-CNN,
     crashed at the first image that showed them; now both stop before the first iteration."""
-    rle = {"size": [48, 64], "counts": "PPYo01"}
-    json_file, root = _write_dataset(tmp_path / "rle", anns=[
-        {"id": 1, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "area": 625, "segmentation": rle},
-        {"id": 2, "image_id": 2, "category_id": 20, "bbox": [5, 5, 25, 25], "area": 625,
-         "segmentation": [[5, 5, 30, 5, 30, 30]]}])
+    def anns(**first_segmentation):  # image 1's annotation with the segmentation given, image 2's a polygon
+        return [{"id": 1, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "area": 625, **first_segmentation},
+                {"id": 2, "image_id": 2, "category_id": 20, "bbox": [5, 5, 25, 25], "area": 625,
+                 "segmentation": [[5, 5, 30, 5, 30, 30]]}]
+
+    json_file, root = _write_dataset(tmp_path / "rle", anns=anns(segmentation={"size": [48, 64], "counts": "PPYo01"}))
     cfg = _mask_cfg("ds_rle", json_file, root)
     with pytest.raises(ValueError, match=r"INPUT.MASK_FORMAT is 'polygon' but 1 training annotations of ds_rle have "
                                          r"RLE .*image ids 1\): set INPUT.MASK_FORMAT bitmask"):
@@ -284,10 +285,7 @@ def test_masks_must_fit_the_mask_head_before_training(tmp_path):
     cfg.INPUT.MASK_FORMAT = "bitmask"
     Trainer.build_train_loader(cfg)
 
-    json_file, root = _write_dataset(tmp_path / "nosegm", anns=[
-        {"id": 1, "image_id": 1, "category_id": 10, "bbox": [5, 5, 25, 25], "area": 625},
-        {"id": 2, "image_id": 2, "category_id": 20, "bbox": [5, 5, 25, 25], "area": 625,
-         "segmentation": [[5, 5, 30, 5, 30, 30]]}])
+    json_file, root = _write_dataset(tmp_path / "nosegm", anns=anns())
     cfg = _mask_cfg("ds_nosegm", json_file, root)
     with pytest.raises(ValueError, match=r"MODEL.MASK_ON is True but 1 of 2 training annotations of ds_nosegm have no "
                                          r"'segmentation' \(image ids 1\).*MODEL.MASK_ON False"):
