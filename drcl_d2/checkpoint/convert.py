@@ -2,9 +2,8 @@
 Faster R-CNN / Mask R-CNN (FPN and C4, R-50 and R-101).
 
 Sources (--source, detected by default from the file's "drcl_d2" metadata or its key names):
-  drcl         2DRCL checkpoint of drcl_d2: transfers the online ResNet, FPN, RPN head and RoI box
-               head; never the EMA target, projection/prediction heads, decoder, queues or the
-               class-specific box predictor.
+  drcl         2DRCL checkpoint of drcl_d2: transfers the online ResNet, FPN, RPN head and RoI box head;
+               never the EMA target, projection/prediction heads, decoder, queues or box predictor.
   detco        DetCo / MoCo v2 checkpoint of drcl_d2: transfers the query ResNet (encoder_q.*).
   moco         official MoCo / MoCo v2 checkpoint: transfers module.encoder_q.* without its fc head.
   torchvision  torchvision ResNet state dict (bare or under "state_dict" / "model").
@@ -48,11 +47,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from detectron2.modeling import build_model
 from fvcore.common.checkpoint import get_missing_parameters_message
 from tabulate import tabulate
 
-from drcl_d2.utils import atomic_write, load_config
-
+from ..engine.checkpoint import AtomicDetectionCheckpointer, quiet_checkpoint_logs
+from ..utils import atomic_write, load_config
+from .scale import report_transfer_scale
 from .sources import (DRCL_KEEP, KNOWN_SOURCES, MODULES, RESNET_DEPTHS, SOURCES, ConversionError, describe,
                       detect_source, find_state_dict, preview, renames, resnet_layout, strip_module_prefix)
 
@@ -124,7 +125,6 @@ def load_checkpoint_file(path: str) -> Any:
     (``weights_only=True`` first, then fully unpickled when it holds other objects): only convert files you trust."""
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
-    size = os.path.getsize(path)
     try:
         if path.endswith(".pkl"):
             with open(path, "rb") as f:
@@ -135,7 +135,7 @@ def load_checkpoint_file(path: str) -> Any:
             logging.getLogger(__name__).warning("%s holds Python objects besides tensors: unpickling it fully", path)
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure to read means "unreadable"
-        raise ConversionError(f"{path}: could not be read ({size} bytes; truncated or corrupt?): "
+        raise ConversionError(f"{path}: could not be read ({os.path.getsize(path)} bytes; truncated or corrupt?): "
                               f"{type(e).__name__}: {e}") from e
 
 
@@ -184,8 +184,6 @@ def _verify(report: ConversionReport, path: str, arrays: Dict[str, np.ndarray], 
     """Load ``path`` into ``model`` with DetectionCheckpointer and check that every tensor landed unchanged
     (at the model key it is the longest dotted suffix of, as detectron2 matches); fvcore's incompatible
     keys say what did not load."""
-    from drcl_d2.engine.checkpoint import AtomicDetectionCheckpointer, quiet_checkpoint_logs
-
     checkpointer = AtomicDetectionCheckpointer(model, save_to_disk=False)
     try:
         with quiet_checkpoint_logs():
@@ -229,12 +227,10 @@ def _verify(report: ConversionReport, path: str, arrays: Dict[str, np.ndarray], 
 def convert_checkpoint(input_path: str, output_path: str, source: str = "auto", target_config: Optional[str] = None,
                        opts: Sequence[str] = (), backbone_only: bool = False,
                        target_model: Optional[torch.nn.Module] = None) -> ConversionReport:
-    """Convert ``input_path`` into detectron2 weights at ``output_path`` (a ``.pkl``) and report what moved.
-
-    ``source``: "auto" or one of :data:`SOURCES`. ``target_config`` (with ``opts``) or ``target_model``:
-    the detector the output must load into before it is written. ``backbone_only``: only the ResNet of
-    a 2DRCL checkpoint (for C4 detectors). Raises ConversionError, leaving an existing output as it was.
-    """
+    """Convert ``input_path`` (``source``: "auto" or one of :data:`SOURCES`) into detectron2 weights at
+    ``output_path`` (a ``.pkl``) that must load into ``target_config`` (with ``opts``) or ``target_model``
+    when given; ``backbone_only``: only the ResNet of a 2DRCL checkpoint (for C4 detectors). Raises
+    ConversionError, leaving an existing output as it was."""
     if source not in ("auto",) + SOURCES:
         raise ConversionError(f"unknown --source {source!r}; choose from auto, {', '.join(SOURCES)}")
     if opts and not target_config:
@@ -289,7 +285,6 @@ def convert_checkpoint(input_path: str, output_path: str, source: str = "auto", 
             cfg = load_config(target_config, opts, device="cpu")
         except ValueError as e:
             raise ConversionError(f"--target-config: {e}") from e
-        cfg.MODEL.WEIGHTS = ""
         report.target = target_config + (f" with {' '.join(opts)}" if opts else "")
     if report.source in ("torchvision", "moco"):
         _torchvision_notes(report, cfg)
@@ -297,8 +292,6 @@ def convert_checkpoint(input_path: str, output_path: str, source: str = "auto", 
         report.notes.append("fine-tune with the pretraining config's MODEL.RESNETS.STRIDE_IN_1X1, INPUT.FORMAT and "
                             "MODEL.PIXEL_MEAN / PIXEL_STD (those of torchvision when it started from torchvision R-50)")
     if cfg is not None and model is None:
-        from detectron2.modeling import build_model
-
         try:
             model = build_model(cfg).eval()
         except Exception as e:  # noqa: BLE001
@@ -317,7 +310,8 @@ def convert_checkpoint(input_path: str, output_path: str, source: str = "auto", 
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command: 0, or SystemExit(1) with the reason on stderr (transfer-scale warnings never fail it)."""
     p = argparse.ArgumentParser(prog="drcl-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="INPUT", help="checkpoint to convert (only read)")
@@ -333,12 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --target-config: dataset to measure the transfer scale on (default: the config's)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
                    help="overrides for --target-config, as detectron2's KEY VALUE pairs (must come last)")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command: 0, or SystemExit(1) with the reason on stderr (transfer-scale warnings never fail it)."""
-    args = build_parser().parse_args(argv)
+    args = p.parse_args(argv)
     usage_error = (f"--scale-images must be >= 0, not {args.scale_images}" if args.scale_images < 0 else
                    "--scale-dataset needs --target-config" if args.scale_dataset and not args.target_config else None)
     if usage_error:
@@ -356,8 +345,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(1) from None
     print(report.format())
     if args.target_config and args.scale_images > 0:
-        from .scale import report_transfer_scale
-
         cfg = load_config(args.target_config, args.opts or (), device="cpu")
         report_transfer_scale(cfg, args.output, args.scale_dataset, args.scale_images)
     return 0

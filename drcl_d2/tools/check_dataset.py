@@ -6,15 +6,9 @@
 Training checks what it can without decoding images and skips an unusable image when it meets it
 (drcl_d2.data.checks, drcl_d2.data.mappers). This is the opt-in full pass (slow at LVIS scale;
 --workers spreads it over processes): it reads every image as training does (detectron2's
-read_image: EXIF orientation, conversion to 8 bits) and reports, one line each,
-
-errors (training stops on them, or skips the image or annotation): duplicate or missing ids,
-  annotations whose image or category is not listed, degenerate boxes or boxes entirely outside their
-  image, invalid polygons, missing segmentation (with --mask-format) or RLE under polygon,
-  --num-classes against the category count, missing or unreadable image files, a decoded size other
-  than the json's height/width, images that decode to a constant;
-warnings: a category `frequency` outside {r, c, f} and annotations without `area` (LVIS evaluation
-  needs both), images not 8 bits per channel (16-bit, float: clipped when converted).
+read_image: EXIF orientation, conversion to 8 bits) and reports every problem on a line
+(:func:`check_json`, :func:`check_image`): errors, which training stops on or skips, and warnings
+(what only LVIS evaluation needs, images that are not 8 bits per channel).
 
 Exit status: 0 when there is no error, 1 when there is one, 2 when the json cannot be read.
 """
@@ -29,6 +23,8 @@ from dataclasses import dataclass
 from multiprocessing import Pool
 from typing import Sequence
 
+from detectron2.data.detection_utils import read_image
+from PIL import Image
 from tqdm import tqdm
 
 from ..data.datasets import FREQUENCIES, _outside_image, _valid_box, _valid_segmentation, image_path, read_json_file
@@ -125,9 +121,6 @@ def check_json(data: dict, image_root: str, *, path_rule: str = "auto", mask_for
 
 def check_image(item: tuple) -> list[Problem]:
     """Decode one image as training does; its problems (missing, unreadable, size, constant, depth)."""
-    from detectron2.data.detection_utils import read_image
-    from PIL import Image
-
     image_id, path, height, width = item
     where = f"image id {image_id} ({path})"
     if not os.path.isfile(path):

@@ -23,7 +23,9 @@ import time
 
 from tabulate import tabulate
 
-from .plots import read_final_metrics
+from ..data.synthetic import PRESETS
+from ..utils import load_config
+from . import plots, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf")
@@ -32,30 +34,24 @@ METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf")
 def make_demo_figures(dataset_json: str, image_root: str, finetune_dir: str, out_dir: str, config: str,
                       weights: dict, pretrain_dir: str | None = None, *, val_json: str | None = None,
                       opts: list[str] = (), num_images: int = 2) -> dict:
-    """The demo's figures in ``out_dir``; returns {figure name: PNG path}.
-
-    dataset_json: the training json (long tail; images too unless ``val_json``). config + opts: the
-    fine-tuning config (its DATALOADER.REPEAT_THRESHOLD and DRB.INSTANCE_FREQUENCY draw the long tail).
-    weights: {label: checkpoint} for the attention maps. A figure that fails, or lacks its inputs, is
-    skipped with a line saying why: figures never stop the demo.
-    """
-    from drcl_d2.tools import plots, visualize
-    from drcl_d2.utils import load_config
+    """The demo's figures in ``out_dir`` ({figure name: PNG path}): the long tail of ``dataset_json`` with
+    the fine-tuning config's DRB settings, attention maps of ``weights`` ({label: checkpoint}) and
+    predictions on ``val_json`` (else ``dataset_json``) images. A figure that fails, or lacks its inputs,
+    is skipped with a line saying why: figures never stop the demo."""
 
     def longtail(out):
         cfg = load_config(config, opts, device="cpu")
         return plots.plot_longtail(dataset_json, out, image_root, cfg.DATALOADER.REPEAT_THRESHOLD,
                                    instance_frequency=cfg.DATALOADER.DRB.INSTANCE_FREQUENCY)
 
-    finetune_metrics = os.path.join(finetune_dir, "metrics.json")
     present = {label: path for label, path in weights.items() if os.path.isfile(path)}
     for label in sorted(set(weights) - set(present)):
         print(f"figure attention: weights {label!r} left out ({weights[label]} not found)")
     images = dict(dataset_json=val_json or dataset_json, image_root=image_root, num_images=num_images, opts=opts)
     figures = {
         "longtail": longtail,
-        "drb_schedule": lambda out: plots.plot_drb_schedule(finetune_metrics, out),
-        "ap_groups": lambda out: plots.plot_ap_groups({os.path.basename(os.path.normpath(finetune_dir)): finetune_metrics}, out),
+        "drb_schedule": lambda out: plots.plot_drb_schedule(finetune_dir, out),
+        "ap_groups": lambda out: plots.plot_ap_groups({os.path.basename(os.path.normpath(finetune_dir)): finetune_dir}, out),
         "attention": lambda out: visualize.plot_attention(config, present, out, **images),
         "predictions": lambda out: visualize.plot_predictions(
             config, {"fine-tuned": os.path.join(finetune_dir, "model_final.pth")}, out, **images),
@@ -104,8 +100,6 @@ def main(argv=None) -> int:
     data = os.path.abspath(os.path.join(ROOT, args.data))
     datasets = [["embedded_train", f"{data}/lvis_v1_train.json", data],
                 ["embedded_val", f"{data}/lvis_v1_val.json", data]]
-    from drcl_d2.data.synthetic import PRESETS
-
     common = ["DATASETS.LVIS_CUSTOM", repr(datasets),
               "MODEL.ROI_HEADS.NUM_CLASSES", str(PRESETS[args.preset]["num_categories"])]
     extra = list(args.opts or [])
@@ -129,7 +123,7 @@ def main(argv=None) -> int:
         f"{data}/lvis_v1_train.json", data, os.path.join(out, "finetune"), os.path.join(out, "figures"),
         os.path.join(ROOT, args.config), checkpoints, None if args.no_pretrain else os.path.join(out, "pretrain"),
         val_json=f"{data}/lvis_v1_val.json", opts=common + extra)
-    results = read_final_metrics(os.path.join(out, "finetune", "metrics.json"))
+    results = plots.read_final_metrics(os.path.join(out, "finetune", "metrics.json"))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nLVIS evaluation on the embedded val split ({args.config}):\n")

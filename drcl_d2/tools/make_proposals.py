@@ -22,41 +22,37 @@ import sys
 import time
 
 import torch
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import ImageList
+from detectron2.utils.logger import setup_logger
+from tqdm import tqdm
+
+from ..data.build import build_checked_test_loader
+from ..engine.checkpoint import AtomicDetectionCheckpointer
+from ..utils import atomic_write_json, load_config
 
 logger = logging.getLogger("drcl_d2.make_proposals")
 
 __all__ = ["main", "generate_proposals"]
 
 
-def _preprocess(model, batched_inputs):
-    """Normalise and pad a batch as the detector does: an ImageList on the model's device."""
-    from detectron2.structures import ImageList
-
-    if hasattr(model, "preprocess_image"):  # GeneralizedRCNN and relatives
-        return model.preprocess_image(batched_inputs)
-    # ProposalNetwork, 2DRCL: the same normalisation with the model's pixel mean / std buffers.
-    mean, std = model.pixel_mean, model.pixel_std
-    images = [(x["image"].to(mean.device) - mean) / std for x in batched_inputs]  # (C, H, W) each
-    return ImageList.from_tensors(
-        images, model.backbone.size_divisibility, padding_constraints=model.backbone.padding_constraints
-    )
-
-
 @torch.no_grad()
 def generate_proposals(cfg, model, dataset_name: str, topk: int) -> list[dict]:
     """Top-k RPN proposals per image of the dataset, in original image pixels (detection results)."""
-    from detectron2.modeling.postprocessing import detector_postprocess
-    from tqdm import tqdm
-
-    from drcl_d2.data.build import build_checked_test_loader
-
     if getattr(model, "proposal_generator", None) is None or not hasattr(model, "backbone"):
         raise ValueError(f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} has no backbone + "
                          "proposal_generator (RPN): make_proposals needs an R-CNN style model")
     loader = build_checked_test_loader(cfg, dataset_name)
     results = []
     for batched_inputs in tqdm(loader, desc=f"proposals {dataset_name}", unit="img", file=sys.stderr):
-        images = _preprocess(model, batched_inputs)
+        if hasattr(model, "preprocess_image"):  # GeneralizedRCNN and relatives
+            images = model.preprocess_image(batched_inputs)
+        else:  # ProposalNetwork, 2DRCL: the same normalisation (the model's pixel mean / std) and padding
+            images = ImageList.from_tensors([(x["image"].to(model.device) - model.pixel_mean) / model.pixel_std
+                                             for x in batched_inputs], model.backbone.size_divisibility,
+                                            padding_constraints=model.backbone.padding_constraints)
         features = model.backbone(images.tensor)
         proposals, _ = model.proposal_generator(images, features, None)  # eval: no losses
         for inp, props in zip(batched_inputs, proposals):
@@ -83,27 +79,16 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
-
-    from detectron2.data import DatasetCatalog
-    from detectron2.modeling import build_model
-    from detectron2.utils.logger import setup_logger
-
-    from drcl_d2.engine.checkpoint import AtomicDetectionCheckpointer
-    from drcl_d2.utils import atomic_write_json, load_config
-
-    import drcl_d2.modeling  # noqa: F401  (registers drcl_d2's meta-architectures)
-
     setup_logger(name="drcl_d2")
     cfg = load_config(args.config_file, args.opts, register_datasets=True)
     if args.dataset not in DatasetCatalog.list():
         raise ValueError(f"dataset {args.dataset!r} is not registered (DATASETS.LVIS_CUSTOM names it?)")
     num_images = len(DatasetCatalog.get(args.dataset))
 
-    model = build_model(cfg)
+    model = build_model(cfg).eval()
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: proposals come from an untrained RPN")
     AtomicDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # errors name the file; logs how much it set
-    model.eval()
 
     start = time.perf_counter()
     results = generate_proposals(cfg, model, args.dataset, args.topk)

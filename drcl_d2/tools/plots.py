@@ -27,13 +27,14 @@ from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from drcl_d2.utils import COMMON_MAX_IMAGES, RARE_MAX_IMAGES, atomic_write, frequency_group
+from ..data.datasets import FREQUENCIES as GROUPS, _read_json, load_lvis_format_json, sorted_categories
+from ..data.rebalance import CategoryStatistics, DynamicRepeatFactors
+from ..utils import COMMON_MAX_IMAGES, RARE_MAX_IMAGES, atomic_write, frequency_group
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PlotResult", "plot_longtail", "plot_drb_schedule", "plot_ap_groups", "read_final_metrics", "main"]
 
-GROUPS = ("r", "c", "f")
 GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 GROUP_COLORS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
 AP_METRICS = ("AP", "APr", "APc", "APf")
@@ -136,15 +137,10 @@ def plot_longtail(train_json: str, output: str, image_root: str | None = None, r
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from ..data.datasets import load_lvis_format_json, read_json_file
-    from ..data.rebalance import CategoryStatistics, DynamicRepeatFactors
-
-    raw = read_json_file(train_json)
-    if not isinstance(raw, dict) or not isinstance(raw.get("categories"), list):
-        raise ValueError(f"{train_json}: missing top-level key 'categories' (LVIS format needs it)")
+    raw = _read_json(train_json)  # errors name the file and what is missing, as the loader's
     if any(not isinstance(c, dict) or "id" not in c for c in raw["categories"]):
         raise ValueError(f"{train_json}: a category entry has no 'id'")
-    categories = sorted(raw["categories"], key=lambda c: c["id"])  # the loader's contiguous order
+    categories = sorted_categories(raw, train_json)  # the loader's contiguous order
     del raw  # LVIS train is ~1 GB of json: do not hold two copies
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(train_json))
     dicts = [d for d in load_lvis_format_json(train_json, root, check_files=False) if d["annotations"]]

@@ -12,9 +12,8 @@ At a time limit (SLURM sends USR2 --signal-delay-s before it) or a preemption si
 the trainer finishes its step and saves a checkpoint (StopOnRequestHook); then submitit calls
 `DistributedTrainingJob.checkpoint` on rank 0, which requeues the job with `--resume` (pretraining
 continues bit for bit). A job SLURM requeues by itself (SLURM_RESTART_COUNT > 0) resumes too, from the
-last periodic checkpoint. submitit's logs and pickles go to OUTPUT_DIR/submitit/<job id>/.
-
-`--cluster local` runs the same job on this machine with submitit's LocalExecutor (one node).
+last periodic checkpoint. submitit's logs and pickles go to OUTPUT_DIR/submitit/<job id>/. `--cluster
+local` runs the same job on this machine with submitit's LocalExecutor (one node).
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ import threading
 import traceback
 
 from detectron2.engine import default_argument_parser
+from detectron2.engine.launch import _distributed_worker
 
 from ..engine.hooks import TrainingStopped, request_stop, stopped_at_iteration
 from ..utils import load_config
@@ -37,16 +37,6 @@ __all__ = ["DistributedTrainingJob", "build_executor", "build_parser", "load_scr
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = {"train": "train_net.py", "pretrain": "pretrain_net.py"}
-# Folder of submitit's logs, pickles and results, inside OUTPUT_DIR ("%j": the job id).
-SUBMITIT_FOLDER = os.path.join("submitit", "%j")
-
-
-def _import_submitit():
-    try:
-        import submitit
-    except ImportError as e:
-        raise ImportError("drcl_d2.tools.submit needs submitit: pip install -e '.[slurm]'") from e
-    return submitit
 
 
 def load_script_main(script: str):
@@ -78,7 +68,7 @@ class DistributedTrainingJob:
         self.args = args
 
     def __call__(self):
-        submitit = _import_submitit()
+        import submitit  # present: submitit runs this job
         job_env = submitit.JobEnvironment()
         dist_env = submitit.helpers.TorchDistributedEnvironment()  # ranks, world size, port from the job id
         args = copy.deepcopy(self.args)
@@ -99,19 +89,15 @@ class DistributedTrainingJob:
                                f"{dist_env.local_world_size} tasks + local rank {dist_env.local_rank}: "
                                "submit with the default block distribution")
         # The worker body of detectron2's launch: process group, local group, device, then main.
-        from detectron2.engine.launch import _distributed_worker
-
         return self._stop_between_steps(job_env, lambda: _distributed_worker(
             dist_env.local_rank, main_func, dist_env.world_size, dist_env.local_world_size, job_env.node,
             args.dist_url, (args,)))
 
     def _stop_between_steps(self, job_env, run):
-        """Runs `run()`; at USR2 the trainer checkpoints after its current step, then submitit requeues.
-
-        submitit's own handler (checkpoint() and requeue, on rank 0) would exit mid-step, losing the
-        iterations since the last periodic checkpoint; it runs once the trainer has stopped, or after
-        half of --signal-delay-s if no step ends by then (a long evaluation).
-        """
+        """Runs `run()`. At USR2 the trainer saves a checkpoint after its current step, then submitit's handler
+        (checkpoint() and requeue, on rank 0), which alone would exit mid-step, runs; if no step ends within
+        half of --signal-delay-s (a long evaluation), it runs anyway: the job resumes from the last periodic
+        checkpoint."""
         usr_sig = job_env._usr_sig()
         requeue = signal.getsignal(usr_sig)  # submitit's, installed before the job function runs
         fallback = threading.Timer(getattr(self.args, "signal_delay_s", 120) / 2, _requeue_from_thread,
@@ -143,7 +129,7 @@ class DistributedTrainingJob:
 
     def checkpoint(self):
         """Called by submitit on rank 0 at USR2: the same job again, resuming from OUTPUT_DIR."""
-        submitit = _import_submitit()
+        import submitit
         args = copy.deepcopy(self.args)
         args.resume = True
         print("drcl_d2 submit: requeued; the next run resumes from the last checkpoint", flush=True)
@@ -180,8 +166,11 @@ def output_dir_of(args) -> str:
 
 def build_executor(args, output_dir: str):
     """submitit's executor for `args`: nodes x one task per GPU, logs in OUTPUT_DIR/submitit/<job id>."""
-    submitit = _import_submitit()
-    executor = submitit.AutoExecutor(folder=os.path.join(output_dir, SUBMITIT_FOLDER), cluster=args.cluster,
+    try:
+        import submitit
+    except ImportError as e:
+        raise ImportError("drcl_d2.tools.submit needs submitit: pip install -e '.[slurm]'") from e
+    executor = submitit.AutoExecutor(folder=os.path.join(output_dir, "submitit", "%j"), cluster=args.cluster,
                                      slurm_max_num_timeout=args.max_requeues,
                                      local_max_num_timeout=args.max_requeues)
     executor.update_parameters(
