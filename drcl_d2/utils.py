@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["COMMON_MAX_IMAGES", "RARE_MAX_IMAGES", "atomic_write", "atomic_write_json", "frequency_group",
@@ -24,10 +23,8 @@ def frequency_group(image_count: int) -> str:
 
 
 def unpadded_size(height: int, width: int, stride: int) -> tuple:
-    """(rows, cols) of a stride-``stride`` feature map that an image of ``height`` x ``width`` covers
-    inside a padded batch: ceil(height / stride) x ceil(width / stride), as the backbone's stride-2
-    convolutions with "same" padding round up. The cells beyond hold only padding.
-    """
+    """(rows, cols) of a stride-``stride`` feature map that a ``height`` x ``width`` image covers in a padded
+    batch: ceil(height / stride) x ceil(width / stride) (stride-2 "same" convolutions round up)."""
     return -(-height // stride), -(-width // stride)
 
 
@@ -42,35 +39,20 @@ def seeded_rng(seed: int):
         yield
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: str, write: Callable[[Any], None], check: Optional[Callable[[str], None]] = None) -> None:
     """Write ``path`` through ``write(binary file)``: a reader, or a crash, sees the old file or the new one.
 
-    The temporary lies in the same folder (os.replace is atomic within one file system) and is named
-    ``.<name>.<random>.tmp``; when ``check(temporary path)`` is given it runs before the rename (an
-    existing file is replaced only when it passes), and the temporary keeps ``path``'s extension, by
-    which detectron2 picks its reader. The file gets the mode a plain open() gives (0666 less the
-    umask), as fvcore's checkpoints have; mkstemp would leave 0600.
+    The temporary ``.<name>.<8 random hex digits>.tmp`` lies in the same folder (os.replace is atomic
+    there); ``check(temporary path)``, when given, runs before the rename, on a temporary that keeps
+    ``path``'s extension (detectron2 picks its reader by it). The file gets the mode a plain open()
+    gives, 0666 less the umask, as fvcore's checkpoints have (mkstemp would leave 0600).
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = ".tmp" + (os.path.splitext(path)[1] if check else "")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(4).hex()}{suffix}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -91,13 +73,12 @@ def atomic_write_json(obj: Any, path: str, **dump_kwargs) -> None:
 
 def load_config(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None,
                 register_datasets: bool = False):
-    """The config of a command: get_cfg + drcl_d2's keys + ``config_file`` + ``opts`` (KEY VALUE ...).
+    """The config of a command: get_cfg + drcl_d2's keys + ``config_file`` (a path or a detectron2
+    model-zoo name) + ``opts`` (KEY VALUE ...), unfrozen; errors are ValueErrors naming the file.
 
-    ``config_file`` is a path or a detectron2 model-zoo name (``COCO-Detection/faster_rcnn_R_50_C4_1x.yaml``).
     ``device`` sets MODEL.DEVICE; without it a CUDA device falls back to the CPU when none is present.
-    ``register_datasets``: register the config's DATASETS.LVIS_CUSTOM datasets (nothing is read); off
-    by default, since a process may already hold other files under those names (the demo's, a
-    test's). Errors are ValueErrors naming the file; the config is returned unfrozen.
+    ``register_datasets``: register DATASETS.LVIS_CUSTOM (off by default: a process may already hold
+    other files under those names).
     """
     import torch
     from detectron2.config import get_cfg

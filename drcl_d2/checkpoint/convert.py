@@ -2,28 +2,26 @@
 Faster R-CNN / Mask R-CNN (FPN and C4, R-50 and R-101).
 
 Sources (--source, detected by default from the file's "drcl_d2" metadata or its key names):
-  drcl         2DRCL checkpoint of drcl_d2: transfers the online ResNet, FPN, RPN head and RoI box
-               head; never the EMA target, projection/prediction heads, decoder, queues or the
-               class-specific box predictor.
+  drcl         2DRCL checkpoint of drcl_d2: transfers the online ResNet, FPN, RPN head and RoI box head;
+               never the EMA target, projection/prediction heads, decoder, queues or box predictor.
   detco        DetCo / MoCo v2 checkpoint of drcl_d2: transfers the query ResNet (encoder_q.*).
   moco         official MoCo / MoCo v2 checkpoint: transfers module.encoder_q.* without its fc head.
   torchvision  torchvision ResNet state dict (bare or under "state_dict" / "model").
 
 OUTPUT (.pkl) holds {"model": {name: array}, "__author__": "drcl_d2", "matching_heuristics": True}:
-detectron2 matches its names by suffix, so the ResNet is written with short names (stem.*, res2.* ...
-res5.*) that fit both FPN (backbone.bottom_up.*) and C4 (backbone.res2-4, roi_heads.res5) detectors;
-FPN / RPN / box-head tensors keep their full names. It is written atomically: an existing OUTPUT is
-replaced only on success, and INPUT is only read. The report lists per module the transferred, dropped
-and (with --target-config) missing keys. Exit status 1 when the input is unknown or unreadable, when
-nothing transfers, or when the output does not fit the target config.
+detectron2 matches names by suffix, so the ResNet gets short names (stem.*, res2.* ... res5.*) that fit
+FPN (backbone.bottom_up.*) and C4 (backbone.res2-4, roi_heads.res5) detectors; FPN / RPN / box-head
+tensors keep their full names. OUTPUT is replaced atomically, only on success; INPUT is only read. The
+report lists per module the transferred, dropped and (with --target-config) missing keys. Exit status
+1 when the input is unknown or unreadable, nothing transfers, or the output does not fit the target.
 
 --target-config (a yaml path or a detectron2 model-zoo name) builds that detector on CPU, loads the
 output into it with DetectionCheckpointer before OUTPUT is replaced, and checks every transferred
-tensor at its destination. It then measures the transfer scale (drcl_d2.checkpoint.scale): the
-detector with OUTPUT loaded against the same detector freshly initialised, on --scale-images
-test-time-resized images of the config's DATASETS.TEST[0] (else TRAIN[0]; or --scale-dataset): FPN
-std per level, box-head (fc7) norm, fresh-classifier logits, RPN objectness. Scales outside the
-goals are warnings (exit status still 0); the numbers go to OUTPUT.scale.json.
+tensor at its destination. It then measures the transfer scale (drcl_d2.checkpoint.scale) against the
+same detector freshly initialised, on --scale-images test-time-resized images of the config's
+DATASETS.TEST[0] (else TRAIN[0]; or --scale-dataset): FPN std per level, box-head (fc7) norm,
+fresh-classifier logits, RPN objectness. Scales outside the goals are warnings (exit status still 0);
+the numbers go to OUTPUT.scale.json.
 
 examples:
   drcl-convert output/pretrain_drcl/model_final.pth drcl_r50.pkl \\
@@ -49,15 +47,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from detectron2.modeling import build_model
 from fvcore.common.checkpoint import get_missing_parameters_message
 from tabulate import tabulate
 
-from drcl_d2.utils import atomic_write, load_config
-
-from .sources import (
-    DRCL_KEEP, KNOWN_SOURCES, MODULES, RESNET_DEPTHS, SOURCES, ConversionError, describe, detect_source,
-    find_state_dict, preview, renames, resnet_layout, strip_module_prefix,
-)
+from ..engine.checkpoint import AtomicDetectionCheckpointer, quiet_checkpoint_logs
+from ..utils import atomic_write, load_config
+from .scale import report_transfer_scale
+from .sources import (DRCL_KEEP, KNOWN_SOURCES, MODULES, RESNET_DEPTHS, SOURCES, ConversionError, describe,
+                      detect_source, find_state_dict, preview, renames, resnet_layout, strip_module_prefix)
 
 __all__ = ["ConversionError", "ConversionReport", "convert_checkpoint", "detect_source", "load_checkpoint_file", "main"]
 
@@ -68,12 +66,9 @@ TORCHVISION_PIXEL_STD = (58.395, 57.12, 57.375)
 
 @dataclass
 class ConversionReport:
-    """What a conversion moved, per module (one of :data:`MODULES`).
-
-    ``transferred`` maps a module to the names written, ``dropped`` to the input's names left out
-    (``dropped_groups``: label -> (count, reason)); with a target model (``verified``) ``missing`` maps
-    a module to the target's keys that received nothing and ``loaded`` each written name to its key.
-    """
+    """What a conversion moved, per module (:data:`MODULES`): ``transferred`` the names written,
+    ``dropped`` the input's names left out (``dropped_groups``: label -> (count, reason)); with a target
+    model (``verified``) ``missing`` its keys that received nothing, ``loaded`` written name -> its key."""
 
     input_path: str
     output_path: str
@@ -126,14 +121,10 @@ class ConversionReport:
 
 
 def load_checkpoint_file(path: str) -> Any:
-    """A checkpoint, read as detectron2 reads weights: ``.pkl`` as a pickle, anything else with torch.load.
-
-    torch files are loaded with ``weights_only=True`` first; files holding other Python objects (e.g.
-    sampler state) are then fully unpickled, as are pickles: only convert files you trust.
-    """
+    """A checkpoint, read as detectron2 reads weights: ``.pkl`` as a pickle, anything else with torch.load
+    (``weights_only=True`` first, then fully unpickled when it holds other objects): only convert files you trust."""
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
-    size = os.path.getsize(path)
     try:
         if path.endswith(".pkl"):
             with open(path, "rb") as f:
@@ -144,7 +135,7 @@ def load_checkpoint_file(path: str) -> Any:
             logging.getLogger(__name__).warning("%s holds Python objects besides tensors: unpickling it fully", path)
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure to read means "unreadable"
-        raise ConversionError(f"{path}: could not be read ({size} bytes; truncated or corrupt?): "
+        raise ConversionError(f"{path}: could not be read ({os.path.getsize(path)} bytes; truncated or corrupt?): "
                               f"{type(e).__name__}: {e}") from e
 
 
@@ -190,13 +181,9 @@ def _torchvision_notes(report: ConversionReport, cfg) -> None:
 
 
 def _verify(report: ConversionReport, path: str, arrays: Dict[str, np.ndarray], model: torch.nn.Module) -> None:
-    """Load ``path`` into ``model`` with DetectionCheckpointer and check that every tensor landed unchanged.
-
-    A written name lands where detectron2's suffix matching puts it: the model key it is the longest
-    dotted suffix of. fvcore's incompatible keys say what did not load.
-    """
-    from drcl_d2.engine.checkpoint import AtomicDetectionCheckpointer, quiet_checkpoint_logs
-
+    """Load ``path`` into ``model`` with DetectionCheckpointer and check that every tensor landed unchanged
+    (at the model key it is the longest dotted suffix of, as detectron2 matches); fvcore's incompatible
+    keys say what did not load."""
     checkpointer = AtomicDetectionCheckpointer(model, save_to_disk=False)
     try:
         with quiet_checkpoint_logs():
@@ -237,22 +224,13 @@ def _verify(report: ConversionReport, path: str, arrays: Dict[str, np.ndarray], 
                               + "\n  ".join(problems[:12]) + more, report)
 
 
-def convert_checkpoint(
-    input_path: str,
-    output_path: str,
-    source: str = "auto",
-    target_config: Optional[str] = None,
-    opts: Sequence[str] = (),
-    backbone_only: bool = False,
-    target_model: Optional[torch.nn.Module] = None,
-) -> ConversionReport:
-    """Convert ``input_path`` into detectron2 weights at ``output_path`` (a ``.pkl``) and report what moved.
-
-    ``source`` is "auto" or one of :data:`SOURCES`. ``target_config`` (a yaml or model-zoo name, with
-    ``opts``) or ``target_model`` is the detector the output is loaded into and checked against before
-    it is written. ``backbone_only`` transfers only the ResNet of a 2DRCL checkpoint (for C4 detectors).
-    Raises ConversionError (an existing output is then left as it was).
-    """
+def convert_checkpoint(input_path: str, output_path: str, source: str = "auto", target_config: Optional[str] = None,
+                       opts: Sequence[str] = (), backbone_only: bool = False,
+                       target_model: Optional[torch.nn.Module] = None) -> ConversionReport:
+    """Convert ``input_path`` (``source``: "auto" or one of :data:`SOURCES`) into detectron2 weights at
+    ``output_path`` (a ``.pkl``) that must load into ``target_config`` (with ``opts``) or ``target_model``
+    when given; ``backbone_only``: only the ResNet of a 2DRCL checkpoint (for C4 detectors). Raises
+    ConversionError, leaving an existing output as it was."""
     if source not in ("auto",) + SOURCES:
         raise ConversionError(f"unknown --source {source!r}; choose from auto, {', '.join(SOURCES)}")
     if opts and not target_config:
@@ -307,7 +285,6 @@ def convert_checkpoint(
             cfg = load_config(target_config, opts, device="cpu")
         except ValueError as e:
             raise ConversionError(f"--target-config: {e}") from e
-        cfg.MODEL.WEIGHTS = ""
         report.target = target_config + (f" with {' '.join(opts)}" if opts else "")
     if report.source in ("torchvision", "moco"):
         _torchvision_notes(report, cfg)
@@ -315,8 +292,6 @@ def convert_checkpoint(
         report.notes.append("fine-tune with the pretraining config's MODEL.RESNETS.STRIDE_IN_1X1, INPUT.FORMAT and "
                             "MODEL.PIXEL_MEAN / PIXEL_STD (those of torchvision when it started from torchvision R-50)")
     if cfg is not None and model is None:
-        from detectron2.modeling import build_model
-
         try:
             model = build_model(cfg).eval()
         except Exception as e:  # noqa: BLE001
@@ -335,7 +310,8 @@ def convert_checkpoint(
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command: 0, or SystemExit(1) with the reason on stderr (transfer-scale warnings never fail it)."""
     p = argparse.ArgumentParser(prog="drcl-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="INPUT", help="checkpoint to convert (only read)")
@@ -351,13 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --target-config: dataset to measure the transfer scale on (default: the config's)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
                    help="overrides for --target-config, as detectron2's KEY VALUE pairs (must come last)")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command; returns 0, or raises SystemExit(1) with the reason on stderr. Transfer-scale
-    warnings never change the exit status."""
-    args = build_parser().parse_args(argv)
+    args = p.parse_args(argv)
     usage_error = (f"--scale-images must be >= 0, not {args.scale_images}" if args.scale_images < 0 else
                    "--scale-dataset needs --target-config" if args.scale_dataset and not args.target_config else None)
     if usage_error:
@@ -375,8 +345,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(1) from None
     print(report.format())
     if args.target_config and args.scale_images > 0:
-        from .scale import report_transfer_scale
-
         cfg = load_config(args.target_config, args.opts or (), device="cpu")
         report_transfer_scale(cfg, args.output, args.scale_dataset, args.scale_images)
     return 0

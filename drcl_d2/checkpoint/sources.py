@@ -1,9 +1,6 @@
-"""What each checkpoint source holds, and the name every tensor of it gets in a detectron2 detector.
-
-One rename table per source (:data:`SOURCES`). A tensor that transfers gets its detectron2 name; the
-ResNet gets detectron2's short names (``stem.conv1.weight``, ``res2.0.conv1.norm.weight``), which
-DetectionCheckpointer matches by suffix into FPN (``backbone.bottom_up.*``) and C4 (``backbone.res2-4``,
-``roi_heads.res5``) detectors alike. A tensor that stays behind gets a group label and the reason.
+"""What each checkpoint source (:data:`SOURCES`) holds, and the name every tensor of it gets in a
+detectron2 detector: the ResNet detectron2's short names (``stem.conv1.weight``, ``res2.0.conv1.norm.weight``,
+matched by suffix into FPN and C4 detectors alike); a tensor that stays behind, a group label and a reason.
 """
 from __future__ import annotations
 
@@ -19,28 +16,17 @@ MODULES = ("backbone", "fpn", "rpn", "box_head", "other")
 SOURCES = ("drcl", "detco", "moco", "torchvision")
 
 # (bottleneck blocks?, blocks in res2..res5) -> depth.
-RESNET_DEPTHS = {
-    (True, (3, 4, 6, 3)): 50,
-    (True, (3, 4, 23, 3)): 101,
-    (True, (3, 8, 36, 3)): 152,
-    (False, (2, 2, 2, 2)): 18,
-    (False, (3, 4, 6, 3)): 34,
-}
+RESNET_DEPTHS = {(True, (3, 4, 6, 3)): 50, (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152,
+                 (False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34}
 
-KNOWN_SOURCES = (
-    "drcl-convert knows: drcl_d2 pretraining checkpoints (2DRCL, DetCo, MoCo v2), official "
-    "MoCo checkpoints (module.encoder_q.*) and torchvision ResNet state dicts (conv1.weight, layer1.*)"
-)
+KNOWN_SOURCES = ("drcl-convert knows: drcl_d2 pretraining checkpoints (2DRCL, DetCo, MoCo v2), official MoCo "
+                 "checkpoints (module.encoder_q.*) and torchvision ResNet state dicts (conv1.weight, layer1.*)")
 
 # Where each source keeps the ResNet to transfer.
 RESNET_PREFIX = {"drcl": "backbone.bottom_up.", "detco": "encoder_q.", "moco": "encoder_q.", "torchvision": ""}
 # What a 2DRCL checkpoint transfers besides its ResNet: name prefix -> report row.
-DRCL_KEEP = (
-    ("backbone.fpn_", "fpn"),
-    ("backbone.top_block.", "fpn"),
-    ("proposal_generator.rpn_head.", "rpn"),
-    ("roi_heads.box_head.", "box_head"),
-)
+DRCL_KEEP = (("backbone.fpn_", "fpn"), ("backbone.top_block.", "fpn"), ("proposal_generator.rpn_head.", "rpn"),
+             ("roi_heads.box_head.", "box_head"))
 # What stays behind: name prefix -> reason.
 _QUEUE = ("queue", "negative queue")
 _KEY_ENCODER = ("encoder_k.", "momentum (key) encoder")
@@ -49,26 +35,17 @@ DROPPED = {
     "moco": (_KEY_ENCODER, _QUEUE),
     "detco": (_KEY_ENCODER, ("global_heads_", "global contrastive heads"),
               ("local_heads_", "local contrastive heads"), _QUEUE),
-    "drcl": (
-        ("target.", "EMA target network"),
-        ("hcl_projector.", "HCL projection head"),
-        ("hcl_predictor.", "HCL prediction head"),
-        ("lcl_projector.", "LCL projection head"),
-        ("lcl_predictor.", "LCL prediction head"),
-        ("decoder.", "appearance-reconstruction decoder"),
-        ("roi_heads.box_predictor.", "class-specific box predictor (never transferred)"),
-        ("proposal_generator.anchor_generator.", "anchors (rebuilt from the config)"),
-        _QUEUE,
-    ),
+    "drcl": (("target.", "EMA target network"), ("hcl_projector.", "HCL projection head"),
+             ("hcl_predictor.", "HCL prediction head"), ("lcl_projector.", "LCL projection head"),
+             ("lcl_predictor.", "LCL prediction head"), ("decoder.", "appearance-reconstruction decoder"),
+             ("roi_heads.box_predictor.", "class-specific box predictor (never transferred)"),
+             ("proposal_generator.anchor_generator.", "anchors (rebuilt from the config)"), _QUEUE),
 }
 
 
 class ConversionError(Exception):
-    """The input could not be converted, or the output does not fit the target model.
-
-    ``report`` holds what was worked out before the failure (None when the input was unreadable or
-    unknown); the command prints it before the error.
-    """
+    """The input could not be converted, or the output does not fit the target model; ``report``: what
+    was worked out before (None when the input was unreadable or unknown), printed before the error."""
 
     def __init__(self, message: str, report=None):
         super().__init__(message)
@@ -159,10 +136,6 @@ def resnet_layout(keys: Iterable[str]) -> Tuple[Optional[Tuple[int, ...]], bool]
     return tuple(len(blocks.get(s, ())) for s in (2, 3, 4, 5)), bottleneck
 
 
-# ----------------------------------------------------------------------------------------------
-# Recognising a source
-
-
 def find_state_dict(obj: Any) -> Tuple[Optional[str], Optional[Mapping[str, Any]]]:
     """(container key, state dict): ``obj["model"]``, ``obj["state_dict"]`` or ``obj`` itself
     (a mapping of names, at least half of whose values are arrays)."""
@@ -207,12 +180,8 @@ def strip_module_prefix(sd: Mapping[str, Any]) -> Tuple[dict, str]:
 
 
 def detect_source(obj: Any) -> Tuple[str, str]:
-    """(source, how it was detected) of a loaded checkpoint; ConversionError when it is none of :data:`SOURCES`.
-
-    The ``drcl_d2`` metadata decides when present; otherwise the state dict's names:
-    ``encoder_q.`` with torchvision names (moco) or detectron2 names (detco),
-    ``backbone.bottom_up.`` (drcl), ``conv1.weight`` + ``layer1.*`` (torchvision).
-    """
+    """(source, how it was detected) of a loaded checkpoint, from its ``drcl_d2`` metadata when present,
+    else from the state dict's names; ConversionError when it is none of :data:`SOURCES`."""
     meta = obj.get("drcl_d2") if isinstance(obj, Mapping) else None
     if isinstance(meta, Mapping) and "method" in meta:
         detail = ", ".join(f"{k}={meta[k]}" for k in ("method", "depth") if k in meta)

@@ -1,13 +1,9 @@
-"""An on-disk cache of the metadata drcl_d2 reads from an LVIS-format json.
+"""An on-disk cache of the metadata drcl_d2 reads from an LVIS-format json, for the checks before
+training (DATASETS.TEST jsons would otherwise be parsed at every start, in every rank).
 
-The checks that run before training (NUM_CLASSES, what LVIS evaluation needs) read the metadata of
-the DATASETS.TEST jsons, which the run would otherwise parse only after training. Parsing LVIS v1
-val costs seconds at every start (and in every rank); this cache, keyed by the json's real path,
-size and modification time, makes it one parse per json until the file changes.
-
-Location: $DRCL_D2_CACHE, else $XDG_CACHE_HOME/drcl_d2, else ~/.cache/drcl_d2 (subfolder
-lvis_metadata). A cache that cannot be read or written is ignored (logged at debug level): it only
-saves time.
+Keyed by the json's real path, size and modification time; kept in $DRCL_D2_CACHE, else
+$XDG_CACHE_HOME/drcl_d2, else ~/.cache/drcl_d2 (subfolder lvis_metadata). A cache that cannot be
+read or written is ignored (logged at debug level): it only saves time.
 """
 from __future__ import annotations
 
@@ -67,7 +63,6 @@ def write_cached_metadata(json_file: str, fields: dict) -> None:
         return
     fields = dict(fields, thing_dataset_id_to_contiguous_id=sorted(fields["thing_dataset_id_to_contiguous_id"].items()))
     try:
-        os.makedirs(os.path.dirname(key[0]), exist_ok=True)
         atomic_write_json({"key": key[1], "fields": fields}, key[0])
     except OSError as e:
         logger.debug(f"Could not write the metadata cache {key[0]}: {e}")

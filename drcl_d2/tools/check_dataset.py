@@ -3,43 +3,31 @@
     python -m drcl_d2.tools.check_dataset datasets/lvis/lvis_v1_train.json datasets/coco
     python -m drcl_d2.tools.check_dataset VAL_JSON IMAGE_ROOT --num-classes 1203 --mask-format polygon
 
-Training checks what it can before the first iteration without decoding images, and skips an image
-it cannot use with a warning when it meets it (drcl_d2.data.checks, drcl_d2.data.mappers). This
-command is the opt-in full pass (slow at LVIS scale: every image is decoded; --workers spreads it
-over processes, a progress bar shows it): it reads every image as training does (detectron2's read_image: EXIF orientation, conversion to 8 bits) and
-reports, one line each,
-
-errors (training stops on them, or skips the image or annotation):
-  the json (duplicate or missing ids, annotations whose image or category is not listed),
-  degenerate boxes, boxes entirely outside their image, invalid polygons, missing segmentation
-  (when --mask-format is given), RLE under --mask-format polygon, --num-classes against the category
-  count, missing or unreadable image files, a decoded size that differs from the json's
-  height/width, images that decode to a constant;
-warnings (needed only by LVIS evaluation, or suspicious):
-  a category `frequency` outside {r, c, f}, annotations without `area`, images that are not 8 bits
-  per channel (16-bit, float: clipped when converted).
+Training checks what it can without decoding images and skips an unusable image when it meets it
+(drcl_d2.data.checks, drcl_d2.data.mappers). This is the opt-in full pass (slow at LVIS scale;
+--workers spreads it over processes): it reads every image as training does (detectron2's
+read_image: EXIF orientation, conversion to 8 bits) and reports every problem on a line
+(:func:`check_json`, :func:`check_image`): errors, which training stops on or skips, and warnings
+(what only LVIS evaluation needs, images that are not 8 bits per channel).
 
 Exit status: 0 when there is no error, 1 when there is one, 2 when the json cannot be read.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from multiprocessing import Pool
 from typing import Sequence
 
+from detectron2.data.detection_utils import read_image
+from PIL import Image
 from tqdm import tqdm
 
-from ..data.datasets import (
-    FREQUENCIES,
-    _outside_image,
-    _valid_box,
-    _valid_segmentation,
-    image_path,
-    read_json_file,
-)
+from ..data.datasets import FREQUENCIES, _outside_image, _valid_box, _valid_segmentation, image_path, read_json_file
 
 __all__ = ["Problem", "check_json", "check_image", "check_dataset", "main"]
 
@@ -133,9 +121,6 @@ def check_json(data: dict, image_root: str, *, path_rule: str = "auto", mask_for
 
 def check_image(item: tuple) -> list[Problem]:
     """Decode one image as training does; its problems (missing, unreadable, size, constant, depth)."""
-    from detectron2.data.detection_utils import read_image
-    from PIL import Image
-
     image_id, path, height, width = item
     where = f"image id {image_id} ({path})"
     if not os.path.isfile(path):
@@ -170,13 +155,9 @@ def check_dataset(json_file: str, image_root: str, *, path_rule: str = "auto", m
     if not decode or not to_decode:
         return problems
     bar = dict(total=len(to_decode), desc="decoding images", unit="img", disable=not progress, file=sys.stderr)
-    if workers > 1:
-        with Pool(workers) as pool:
-            for found in tqdm(pool.imap(check_image, to_decode, chunksize=16), **bar):
-                problems.extend(found)
-    else:
-        for item in tqdm(to_decode, **bar):
-            problems.extend(check_image(item))
+    with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        found = pool.imap(check_image, to_decode, chunksize=16) if pool else map(check_image, to_decode)
+        problems.extend(p for image_problems in tqdm(found, **bar) for p in image_problems)
     return problems
 
 
@@ -201,9 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for p in problems:
         print(p)
-    counts: dict[tuple[str, str], int] = {}
-    for p in problems:
-        counts[p.severity, p.kind] = counts.get((p.severity, p.kind), 0) + 1
+    counts = Counter((p.severity, p.kind) for p in problems)
     errors = sum(n for (severity, _), n in counts.items() if severity == "error")
     summary = ", ".join(f"{n} {kind}" for (_, kind), n in sorted(counts.items())) or "no problems"
     print(f"{args.json_file}: {errors} error(s), {len(problems) - errors} warning(s): {summary}")

@@ -21,47 +21,37 @@ import subprocess
 import sys
 import time
 
-from .plots import read_final_metrics
+from tabulate import tabulate
+
+from ..data.synthetic import PRESETS
+from ..utils import load_config
+from . import plots, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf")
 
 
-def format_results_table(results: dict) -> str:
-    from tabulate import tabulate
-
-    rows = [[task] + [f"{results[task].get(m, float('nan')):.1f}" for m in METRICS] for task in sorted(results)]
-    return tabulate(rows, headers=["task"] + list(METRICS), tablefmt="github")
-
-
 def make_demo_figures(dataset_json: str, image_root: str, finetune_dir: str, out_dir: str, config: str,
                       weights: dict, pretrain_dir: str | None = None, *, val_json: str | None = None,
                       opts: list[str] = (), num_images: int = 2) -> dict:
-    """The demo's figures in ``out_dir``; returns {figure name: PNG path}.
-
-    dataset_json: the training json (long tail; images too unless ``val_json``). finetune_dir /
-    pretrain_dir: run folders. config + opts: the fine-tuning config (its DATALOADER.REPEAT_THRESHOLD
-    and DRB.INSTANCE_FREQUENCY draw the long tail). weights: {label: checkpoint} for the attention
-    maps. A figure whose inputs are missing, or that fails, is skipped with a line saying why:
-    figures never stop the demo.
-    """
-    from drcl_d2.tools import plots, visualize
-    from drcl_d2.utils import load_config
+    """The demo's figures in ``out_dir`` ({figure name: PNG path}): the long tail of ``dataset_json`` with
+    the fine-tuning config's DRB settings, attention maps of ``weights`` ({label: checkpoint}) and
+    predictions on ``val_json`` (else ``dataset_json``) images. A figure that fails, or lacks its inputs,
+    is skipped with a line saying why: figures never stop the demo."""
 
     def longtail(out):
         cfg = load_config(config, opts, device="cpu")
         return plots.plot_longtail(dataset_json, out, image_root, cfg.DATALOADER.REPEAT_THRESHOLD,
                                    instance_frequency=cfg.DATALOADER.DRB.INSTANCE_FREQUENCY)
 
-    finetune_metrics = os.path.join(finetune_dir, "metrics.json")
     present = {label: path for label, path in weights.items() if os.path.isfile(path)}
     for label in sorted(set(weights) - set(present)):
         print(f"figure attention: weights {label!r} left out ({weights[label]} not found)")
     images = dict(dataset_json=val_json or dataset_json, image_root=image_root, num_images=num_images, opts=opts)
     figures = {
         "longtail": longtail,
-        "drb_schedule": lambda out: plots.plot_drb_schedule(finetune_metrics, out),
-        "ap_groups": lambda out: plots.plot_ap_groups({os.path.basename(os.path.normpath(finetune_dir)): finetune_metrics}, out),
+        "drb_schedule": lambda out: plots.plot_drb_schedule(finetune_dir, out),
+        "ap_groups": lambda out: plots.plot_ap_groups({os.path.basename(os.path.normpath(finetune_dir)): finetune_dir}, out),
         "attention": lambda out: visualize.plot_attention(config, present, out, **images),
         "predictions": lambda out: visualize.plot_predictions(
             config, {"fine-tuned": os.path.join(finetune_dir, "model_final.pth")}, out, **images),
@@ -75,20 +65,6 @@ def make_demo_figures(dataset_json: str, image_root: str, finetune_dir: str, out
         except Exception as e:  # noqa: BLE001 - a figure is a by-product: say why and go on
             print(f"figure {name}: skipped ({type(e).__name__}: {e})")
     return written
-
-
-def write_figures(args, data: str, opts: list[str], weights: list[str]) -> dict:
-    """The demo's PNGs under OUTPUT/figures: attention maps of the pretrained and fine-tuned detectors."""
-    print("\n# figures (python -m drcl_d2.tools.plots ... makes each on your own runs)", flush=True)
-    out = os.path.join(ROOT, args.output)
-    checkpoints = {"2DRCL pretrained": weights[1]} if weights else {}
-    checkpoints["fine-tuned"] = os.path.join(out, "finetune", "model_final.pth")
-    return make_demo_figures(
-        f"{data}/lvis_v1_train.json", data, os.path.join(out, "finetune"), os.path.join(out, "figures"),
-        os.path.join(ROOT, args.config), checkpoints,
-        pretrain_dir=None if args.no_pretrain else os.path.join(out, "pretrain"),
-        val_json=f"{data}/lvis_v1_val.json", opts=opts,
-    )
 
 
 def short_schedule(iters: int | None) -> list[str]:
@@ -124,8 +100,6 @@ def main(argv=None) -> int:
     data = os.path.abspath(os.path.join(ROOT, args.data))
     datasets = [["embedded_train", f"{data}/lvis_v1_train.json", data],
                 ["embedded_val", f"{data}/lvis_v1_val.json", data]]
-    from drcl_d2.data.synthetic import PRESETS
-
     common = ["DATASETS.LVIS_CUSTOM", repr(datasets),
               "MODEL.ROI_HEADS.NUM_CLASSES", str(PRESETS[args.preset]["num_categories"])]
     extra = list(args.opts or [])
@@ -141,12 +115,20 @@ def main(argv=None) -> int:
     run([py, "train_net.py", "--config-file", args.config, "OUTPUT_DIR", os.path.join(args.output, "finetune")]
         + common + weights + short_schedule(args.iters) + extra)
 
-    figures = write_figures(args, data, common + extra, weights)
-    results = read_final_metrics(os.path.join(ROOT, args.output, "finetune", "metrics.json"))
-    with open(os.path.join(ROOT, args.output, "results.json"), "w") as f:
+    print("\n# figures (python -m drcl_d2.tools.plots ... makes each on your own runs)", flush=True)
+    out = os.path.join(ROOT, args.output)
+    checkpoints = {"2DRCL pretrained": weights[1]} if weights else {}
+    checkpoints["fine-tuned"] = os.path.join(out, "finetune", "model_final.pth")
+    figures = make_demo_figures(
+        f"{data}/lvis_v1_train.json", data, os.path.join(out, "finetune"), os.path.join(out, "figures"),
+        os.path.join(ROOT, args.config), checkpoints, None if args.no_pretrain else os.path.join(out, "pretrain"),
+        val_json=f"{data}/lvis_v1_val.json", opts=common + extra)
+    results = plots.read_final_metrics(os.path.join(out, "finetune", "metrics.json"))
+    with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nLVIS evaluation on the embedded val split ({args.config}):\n")
-    print(format_results_table(results))
+    rows = [[task] + [f"{results[task].get(m, float('nan')):.1f}" for m in METRICS] for task in sorted(results)]
+    print(tabulate(rows, headers=["task"] + list(METRICS), tablefmt="github"))
     if figures:
         print("\nFigures:\n" + "\n".join(f"  {name}: {path}" for name, path in figures.items()))
     print(f"\nEverything is under {args.output}/ (took {time.time() - start:.0f} s)")

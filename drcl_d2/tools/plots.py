@@ -8,15 +8,13 @@
     python -m drcl_d2.tools.plots predictions --config CFG.yaml --weights model_final.pth \\
         (--images ... | --dataset-json ...) [--score-thresh 0.3] --output pred.png [--opts K V ...]
 
-This module draws from json files: ``longtail`` (training images per category by LVIS frequency
-group, and the Dynamic Rebalancing factors r_c at several α_d; α_d = 0 is detectron2's RFS),
-``drb-schedule`` (the ``drb/*`` scalars of a DRB run's metrics.json) and ``ap-groups`` (the last
-AP / APr / APc / APf of several runs; LVIS's -100 for a group without detections is a hatched 0
-marked "x"). ``attention`` and ``predictions`` run models (:mod:`drcl_d2.tools.visualize`).
-
-Every function writes its PNG atomically and returns a :class:`PlotResult` ``(path, data)`` with the
-numbers plotted. Missing or malformed inputs raise FileNotFoundError / ValueError naming the file
-(and line or key); the command prints that message and exits with status 2.
+From json files: ``longtail`` (training images per category by LVIS frequency group, and the Dynamic
+Rebalancing factors r_c at several α_d; α_d = 0 is detectron2's RFS), ``drb-schedule`` (the ``drb/*``
+scalars of a DRB run's metrics.json), ``ap-groups`` (the last AP / APr / APc / APf of several runs;
+LVIS's -100 for a group without detections is a hatched 0 marked "x"). ``attention`` and
+``predictions`` run models (:mod:`drcl_d2.tools.visualize`). Each PNG is written atomically; each
+function returns a :class:`PlotResult` ``(path, data)``. Bad inputs raise FileNotFoundError /
+ValueError naming the file (and line or key); the command prints it and exits with status 2.
 """
 from __future__ import annotations
 
@@ -29,13 +27,14 @@ from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from drcl_d2.utils import COMMON_MAX_IMAGES, RARE_MAX_IMAGES, atomic_write, frequency_group
+from ..data.datasets import FREQUENCIES as GROUPS, _read_json, load_lvis_format_json, sorted_categories
+from ..data.rebalance import CategoryStatistics, DynamicRepeatFactors
+from ..utils import COMMON_MAX_IMAGES, RARE_MAX_IMAGES, atomic_write, frequency_group
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PlotResult", "plot_longtail", "plot_drb_schedule", "plot_ap_groups", "read_final_metrics", "main"]
 
-GROUPS = ("r", "c", "f")
 GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 GROUP_COLORS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
 AP_METRICS = ("AP", "APr", "APc", "APf")
@@ -89,14 +88,13 @@ def labeled_paths(items, what: str) -> list[tuple[str, str]]:
 
 
 def _metrics_records(path: str) -> Iterator[tuple[str, int, dict]]:
-    """(file, line number, record) of a detectron2 metrics.json (one JSON object per line); a run
-    folder stands for its metrics.json."""
+    """(file, line number, record) of a detectron2 metrics.json (one JSON object per line) or run folder."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "metrics.json")):
-            raise FileNotFoundError(f"{path}: run folder without metrics.json (did training start?)")
-        path = os.path.join(path, "metrics.json")
-    if not os.path.isfile(path):
+        folder, path = path, os.path.join(path, "metrics.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder}: run folder without metrics.json (did training start?)")
+    elif not os.path.isfile(path):
         raise FileNotFoundError(f"metrics file not found: {path}")
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -130,26 +128,19 @@ def read_final_metrics(metrics_json: str) -> dict:
     return results
 
 
-# ---------------------------------------------------------------------------------------------
-# long tail + DRB repeat factors
-
-
-def longtail_data(train_json: str, image_root: str | None = None, repeat_thresh: float = 0.1,
-                  alphas: Sequence[float] = (0.0, 0.5, 1.0), instance_frequency: str = "fraction_of_instances") -> dict:
-    """The numbers of the long-tail figure, categories sorted by training images (descending).
-
-    Counts come from the annotations as the training loader sees them (images without annotations
-    dropped, as detectron2's FILTER_EMPTY_ANNOTATIONS), so r_c are exactly the factors DRB / RFS use.
+def plot_longtail(train_json: str, output: str, image_root: str | None = None, repeat_thresh: float = 0.1,
+                  alphas: Sequence[float] = (0.0, 0.5, 1.0), instance_frequency: str = "fraction_of_instances") -> PlotResult:
+    """Images per category (log scale, r/c/f colours) and DRB's r_c at several α_d, categories sorted by
+    training images (descending). Counts come from the annotations as the training loader sees them
+    (images without annotations dropped, as FILTER_EMPTY_ANNOTATIONS): r_c are the factors DRB / RFS use.
     """
-    from ..data.datasets import load_lvis_format_json, read_json_file
-    from ..data.rebalance import CategoryStatistics, DynamicRepeatFactors
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    raw = read_json_file(train_json)
-    if not isinstance(raw, dict) or not isinstance(raw.get("categories"), list):
-        raise ValueError(f"{train_json}: missing top-level key 'categories' (LVIS format needs it)")
+    raw = _read_json(train_json)  # errors name the file and what is missing, as the loader's
     if any(not isinstance(c, dict) or "id" not in c for c in raw["categories"]):
         raise ValueError(f"{train_json}: a category entry has no 'id'")
-    categories = sorted(raw["categories"], key=lambda c: c["id"])  # the loader's contiguous order
+    categories = sorted_categories(raw, train_json)  # the loader's contiguous order
     del raw  # LVIS train is ~1 GB of json: do not hold two copies
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(train_json))
     dicts = [d for d in load_lvis_format_json(train_json, root, check_files=False) if d["annotations"]]
@@ -161,56 +152,39 @@ def longtail_data(train_json: str, image_root: str | None = None, repeat_thresh:
     image_counts, instance_counts = np.zeros((2, len(categories)), dtype=np.int64)
     image_counts[stats.category_ids] = stats.image_counts  # stats ids are contiguous 0..C-1
     instance_counts[stats.category_ids] = stats.instance_counts
-    factors = {}
-    for a in alphas:
-        factors[float(a)] = np.ones(len(categories))  # a category without training images never raises a factor
-        factors[float(a)][stats.category_ids] = drb.category_factors(float(a))
+    factors = {float(a): np.ones(len(categories)) for a in alphas}  # 1 for a category without training images
+    for a, r in factors.items():
+        r[stats.category_ids] = drb.category_factors(a)
     in_json = [c.get("frequency") in GROUPS for c in categories]
     frequency = [c["frequency"] if ok else frequency_group(int(n)) for c, ok, n in zip(categories, in_json, image_counts)]
     order = np.lexsort((np.array([c["id"] for c in categories]), -image_counts))  # ties by id: deterministic
-    return {
-        "json": train_json,
-        "num_images": stats.num_images,
-        "num_instances": stats.num_instances,
-        "repeat_thresh": float(repeat_thresh),
-        "instance_frequency": instance_frequency,
-        "category_ids": [categories[i]["id"] for i in order],
-        "names": [str(categories[i].get("name", categories[i]["id"])) for i in order],
-        "image_counts": image_counts[order],
-        "instance_counts": instance_counts[order],
-        "frequency": [frequency[i] for i in order],
-        "frequency_source": "json" if all(in_json) else "computed" if not any(in_json) else "json+computed",
-        "band_counts": {g: frequency.count(g) for g in GROUPS},
-        "repeat_factors": {a: r[order] for a, r in factors.items()},
-    }
+    data = {"json": train_json, "num_images": stats.num_images, "num_instances": stats.num_instances,
+            "repeat_thresh": float(repeat_thresh), "instance_frequency": instance_frequency,
+            "category_ids": [categories[i]["id"] for i in order],
+            "names": [str(categories[i].get("name", categories[i]["id"])) for i in order],
+            "image_counts": image_counts[order], "instance_counts": instance_counts[order],
+            "frequency": [frequency[i] for i in order],
+            "frequency_source": "json" if all(in_json) else "computed" if not any(in_json) else "json+computed",
+            "band_counts": {g: frequency.count(g) for g in GROUPS},
+            "repeat_factors": {a: r[order] for a, r in factors.items()}}
 
-
-def plot_longtail(train_json: str, output: str, image_root: str | None = None, repeat_thresh: float = 0.1,
-                  alphas: Sequence[float] = (0.0, 0.5, 1.0), instance_frequency: str = "fraction_of_instances") -> PlotResult:
-    """Images per category (log scale, r/c/f colours) and DRB's r_c at several α_d. See longtail_data."""
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    data = longtail_data(train_json, image_root, repeat_thresh, alphas, instance_frequency)
     counts = data["image_counts"]
     x = np.arange(len(counts))
     fig = new_figure(max(7.0, 0.12 * len(x) + 3), 7.0)
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     # A category without training images has no bar on a log axis.
     ax1.bar(x, np.where(counts > 0, counts, np.nan), width=1.0, color=[GROUP_COLORS[f] for f in data["frequency"]])
-    ax1.set_yscale("log")
+    ax1.set(yscale="log", ylabel="training images per category")
     for t in (RARE_MAX_IMAGES, COMMON_MAX_IMAGES):
         ax1.axhline(t, color="grey", lw=0.8, ls="--")
     handles = [Patch(color=GROUP_COLORS[g], label=f"{GROUP_NAMES[g]} ({data['band_counts'][g]})") for g in GROUPS]
     handles.append(Line2D([], [], color="grey", lw=0.8, ls="--", label=f"{RARE_MAX_IMAGES} / {COMMON_MAX_IMAGES} images"))
     ax1.legend(handles=handles, title=f"group (from {data['frequency_source']})", fontsize=8, title_fontsize=8)
-    ax1.set_ylabel("training images per category")
     ax1.set_title(f"Long tail of {os.path.basename(train_json)}: {len(x)} categories, "
                   f"{data['num_images']} images, {data['num_instances']} instances")
     for (a, r), style in zip(data["repeat_factors"].items(), ("-", "--", ":", "-.")):
         ax2.plot(x, r, ls=style, marker="o", ms=3, label=f"α_d = {a:g}" + (" (= RFS)" if a == 0 else ""))
-    ax2.set_ylabel("repeat factor r_c")
-    ax2.set_xlabel("categories, sorted by training images")
+    ax2.set(ylabel="repeat factor r_c", xlabel="categories, sorted by training images")
     ax2.set_title(f"Dynamic Rebalancing r_c = max(1, sqrt(t / f_c)), t = {data['repeat_thresh']:g}, "
                   f"f_in: {data['instance_frequency']}", fontsize=10)
     ax2.legend(fontsize=8)
@@ -220,12 +194,9 @@ def plot_longtail(train_json: str, output: str, image_root: str | None = None, r
     return save_png(fig, output, data)
 
 
-# ---------------------------------------------------------------------------------------------
-# DRB schedule
-
-
-def drb_schedule_data(metrics: str) -> dict:
-    """α_d, epoch length and mean r_I per logged iteration (a resumed run's later lines win)."""
+def plot_drb_schedule(metrics: str, output: str) -> PlotResult:
+    """α_d (top) and epoch length Σ r_I with mean r_I (bottom) per logged iteration of one run (a resumed
+    run's later lines win)."""
     by_iter: dict[int, dict] = {}
     metrics_json = metrics
     for metrics_json, line_no, record in _metrics_records(metrics):
@@ -239,24 +210,16 @@ def drb_schedule_data(metrics: str) -> dict:
     if not by_iter:
         raise ValueError(f"{metrics_json} holds no drb/* values (drb/alpha, drb/epoch_length, drb/mean_repeat): "
                          "was the run trained with DynamicRepeatFactorTrainingSampler?")
-    iters = sorted(by_iter)
-    out = {"metrics_json": metrics_json, "iteration": np.array(iters, dtype=np.int64)}
-    for name in DRB_KEYS.values():
-        out[name] = np.array([by_iter[i].get(name, np.nan) for i in iters], dtype=np.float64)
-    return out
+    it = np.array(sorted(by_iter), dtype=np.int64)
+    data = {"metrics_json": metrics_json, "iteration": it,
+            **{name: np.array([by_iter[i].get(name, np.nan) for i in it.tolist()]) for name in DRB_KEYS.values()}}
 
-
-def plot_drb_schedule(metrics: str, output: str) -> PlotResult:
-    """α_d (top) and epoch length Σ r_I with mean r_I (bottom) over the iterations of one run."""
-    data = drb_schedule_data(metrics)
-    it = data["iteration"]
     fig = new_figure(7.0, 5.5)
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     # Factors are constant within a DRB period: the logged values are drawn as steps.
     ax1.plot(it, data["alpha"], drawstyle="steps-post", marker=".", color="tab:purple")
-    ax1.set_ylim(-0.05, 1.05)
-    ax1.set_ylabel("α_d = T / T_max")
-    ax1.set_title(f"Dynamic Rebalancing schedule ({data['metrics_json']})", fontsize=10)
+    ax1.set(ylim=(-0.05, 1.05), ylabel="α_d = T / T_max")
+    ax1.set_title(f"Dynamic Rebalancing schedule ({metrics_json})", fontsize=10)
     ax2.plot(it, data["epoch_length"], drawstyle="steps-post", marker=".", color="tab:green")
     ax2.set_ylabel("epoch length Σ r_I (images)", color="tab:green")
     ax2.set_xlabel("iteration")
@@ -269,12 +232,12 @@ def plot_drb_schedule(metrics: str, output: str) -> PlotResult:
     return save_png(fig, output, data)
 
 
-# ---------------------------------------------------------------------------------------------
-# AP by frequency group
+def plot_ap_groups(runs, output: str, metrics: Sequence[str] = AP_METRICS) -> PlotResult:
+    """Grouped bars of the last bbox / segm AP / APr / APc / APf of each run, one panel per task;
+    data["values"][task][label][metric] (NaN if absent).
 
-
-def ap_groups_data(runs, metrics: Sequence[str] = AP_METRICS) -> dict:
-    """Final bbox / segm AP, APr, APc, APf of each run: values[task][label][metric] (NaN if absent)."""
+    ``runs``: {label: run folder or metrics.json}, (label, path) pairs or 'LABEL=PATH' strings.
+    """
     pairs = labeled_paths(runs, "--run")
     labels = [label for label, _ in pairs]
     finals = {label: read_final_metrics(path) for label, path in pairs}
@@ -285,22 +248,14 @@ def ap_groups_data(runs, metrics: Sequence[str] = AP_METRICS) -> dict:
                           else float("nan") for m in metrics} for label, path in pairs} for t in tasks}
     # LVIS writes -1 (x100) for a group where the model made no detection at all.
     no_det = [(t, label, m) for t in tasks for label in labels for m in metrics if values[t][label][m] < 0]
-    return {"labels": labels, "tasks": tasks, "metrics": list(metrics), "values": values, "no_detections": no_det}
+    data = {"labels": labels, "tasks": tasks, "metrics": list(metrics), "values": values, "no_detections": no_det}
 
-
-def plot_ap_groups(runs, output: str, metrics: Sequence[str] = AP_METRICS) -> PlotResult:
-    """Grouped bars of AP / APr / APc / APf per run; one panel per task (bbox, segm).
-
-    ``runs``: {label: run folder or metrics.json}, (label, path) pairs or 'LABEL=PATH' strings.
-    """
-    data = ap_groups_data(runs, metrics)
-    labels, tasks, metrics = data["labels"], data["tasks"], data["metrics"]
     fig = new_figure(max(5.0, 1.2 + len(metrics) * (0.5 + 0.35 * len(labels))) * len(tasks), 4.2)
     axes = np.atleast_1d(fig.subplots(1, len(tasks), sharey=True))
     width, x = 0.8 / len(labels), np.arange(len(metrics))
     for ax, task in zip(axes, tasks):
         for j, label in enumerate(labels):
-            vals = np.array([data["values"][task][label][m] for m in metrics])
+            vals = np.array([values[task][label][m] for m in metrics])
             pos = x - 0.4 + width * (j + 0.5)
             bars = ax.bar(pos, np.nan_to_num(np.where(vals < 0, 0.0, vals)), width, color=f"C{j % 10}", label=label)
             for bar, v, p in zip(bars, vals, pos):
@@ -316,15 +271,11 @@ def plot_ap_groups(runs, output: str, metrics: Sequence[str] = AP_METRICS) -> Pl
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("AP (%)")
     axes[-1].legend(fontsize=8)
-    if data["no_detections"]:  # supxlabel, unlike fig.text, gets room from the constrained layout
+    if no_det:  # supxlabel, unlike fig.text, gets room from the constrained layout
         fig.supxlabel("x (hatched 0): LVIS reported -100, no detections in that group: "
-                      + ", ".join(f"{lb} {t} {m}" for t, lb, m in data["no_detections"][:6]), fontsize=7)
+                      + ", ".join(f"{lb} {t} {m}" for t, lb, m in no_det[:6]), fontsize=7)
     fig.suptitle("AP by LVIS frequency group (last evaluation of each run)", fontsize=10)
     return save_png(fig, output, data)
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -382,14 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from . import visualize
 
-            images = dict(images=args.images, dataset_json=args.dataset_json, image_root=args.image_root,
-                          num_images=args.num_images, opts=args.opts)
-            if args.command == "attention":
-                res = visualize.plot_attention(args.config, args.weights, args.output, levels=args.levels,
-                                               reduction=args.reduction, **images)
-            else:
-                res = visualize.plot_predictions(args.config, args.weights, args.output,
-                                                 score_thresh=args.score_thresh, **images)
+            extra = (dict(levels=args.levels, reduction=args.reduction) if args.command == "attention"
+                     else dict(score_thresh=args.score_thresh))
+            res = getattr(visualize, f"plot_{args.command}")(
+                args.config, args.weights, args.output, images=args.images, dataset_json=args.dataset_json,
+                image_root=args.image_root, num_images=args.num_images, opts=args.opts, **extra)
     except (ValueError, OSError) as e:
         print(f"{args.command}: error: {e}", file=sys.stderr)
         return 2

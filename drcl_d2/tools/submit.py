@@ -3,21 +3,17 @@
     python -m drcl_d2.tools.submit --script pretrain --config-file configs/pretrain/drcl_R_50_FPN_1x_lvis.yaml \\
         --nodes 2 --gpus-per-node 8 --partition P --timeout-min 4320 [KEY VALUE ...]
 
-One submitit task per GPU (tasks_per_node = gpus per node), as submitit's SLURM jobs and detectron2's
-workers both expect: every task is one detectron2 worker, joined into torch.distributed with the
-rank, local rank and world size of the job (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS) and a
-tcp:// URL on the job's first node. A task per node calling detectron2's `launch` would fork the
-workers itself, and SLURM's warning signal would then reach processes that submitit does not handle.
+One submitit task per GPU (tasks_per_node = gpus per node): every task is one detectron2 worker,
+joined into torch.distributed with the job's rank, local rank and world size (SLURM_PROCID,
+SLURM_LOCALID, SLURM_NTASKS) and a tcp:// URL on its first node. (A task per node calling detectron2's
+`launch` would fork workers that SLURM's warning signal reaches but submitit does not handle.)
 
-At a time limit (SLURM sends USR2 --signal-delay-s before it) or a preemption that the cluster
-signals the same way, the trainer finishes its current step and saves a checkpoint (atomically,
-StopOnRequestHook); then submitit calls `DistributedTrainingJob.checkpoint` on rank 0, which
-requeues the same job with `--resume`: it continues from that checkpoint (pretraining bit for
-bit). A job that SLURM requeues by itself (SLURM_RESTART_COUNT > 0) resumes too, from the last
-periodic checkpoint. submitit's logs and pickles go to OUTPUT_DIR/submitit/<job id>/, beside
-detectron2's log.txt, metrics.json, config.yaml and checkpoints.
-
-`--cluster local` runs the same job on this machine with submitit's LocalExecutor (one node).
+At a time limit (SLURM sends USR2 --signal-delay-s before it) or a preemption signalled the same way,
+the trainer finishes its step and saves a checkpoint (StopOnRequestHook); then submitit calls
+`DistributedTrainingJob.checkpoint` on rank 0, which requeues the job with `--resume` (pretraining
+continues bit for bit). A job SLURM requeues by itself (SLURM_RESTART_COUNT > 0) resumes too, from the
+last periodic checkpoint. submitit's logs and pickles go to OUTPUT_DIR/submitit/<job id>/. `--cluster
+local` runs the same job on this machine with submitit's LocalExecutor (one node).
 """
 from __future__ import annotations
 
@@ -30,27 +26,17 @@ import sys
 import threading
 import traceback
 
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
+from detectron2.engine.launch import _distributed_worker
 
-from ..config import add_drcl_config
 from ..engine.hooks import TrainingStopped, request_stop, stopped_at_iteration
+from ..utils import load_config
 
 __all__ = ["DistributedTrainingJob", "build_executor", "build_parser", "load_script_main", "output_dir_of",
            "parse_args", "submit", "main"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = {"train": "train_net.py", "pretrain": "pretrain_net.py"}
-# Folder of submitit's logs, pickles and results, inside OUTPUT_DIR ("%j": the job id).
-SUBMITIT_FOLDER = os.path.join("submitit", "%j")
-
-
-def _import_submitit():
-    try:
-        import submitit
-    except ImportError as e:
-        raise ImportError("drcl_d2.tools.submit needs submitit: pip install -e '.[slurm]'") from e
-    return submitit
 
 
 def load_script_main(script: str):
@@ -74,11 +60,6 @@ def _requeue_from_thread(requeue, usr_sig) -> None:
         os._exit(e.code if isinstance(e.code, int) else 1)
 
 
-def _requeued_by_slurm() -> bool:
-    # SLURM's own requeue (e.g. PreemptMode=REQUEUE) reruns the pickle of the first submission.
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-
-
 class DistributedTrainingJob:
     """One submitit task: one detectron2 worker of `script` (train / pretrain) with `args`."""
 
@@ -87,11 +68,12 @@ class DistributedTrainingJob:
         self.args = args
 
     def __call__(self):
-        submitit = _import_submitit()
+        import submitit  # present: submitit runs this job
         job_env = submitit.JobEnvironment()
         dist_env = submitit.helpers.TorchDistributedEnvironment()  # ranks, world size, port from the job id
         args = copy.deepcopy(self.args)
-        args.resume = args.resume or _requeued_by_slurm()
+        # SLURM's own requeue (e.g. PreemptMode=REQUEUE) reruns the pickle of the first submission.
+        args.resume = args.resume or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
         args.num_gpus, args.num_machines, args.machine_rank = dist_env.local_world_size, job_env.num_nodes, job_env.node
         # LocalExecutor's node is this machine; its hostname need not resolve.
         master = "127.0.0.1" if job_env.cluster == "local" else dist_env.master_addr
@@ -107,20 +89,15 @@ class DistributedTrainingJob:
                                f"{dist_env.local_world_size} tasks + local rank {dist_env.local_rank}: "
                                "submit with the default block distribution")
         # The worker body of detectron2's launch: process group, local group, device, then main.
-        from detectron2.engine.launch import _distributed_worker
-
         return self._stop_between_steps(job_env, lambda: _distributed_worker(
             dist_env.local_rank, main_func, dist_env.world_size, dist_env.local_world_size, job_env.node,
             args.dist_url, (args,)))
 
     def _stop_between_steps(self, job_env, run):
-        """Runs `run()`; at USR2 the trainer checkpoints after its current step, then submitit requeues.
-
-        submitit's own handler (checkpoint() and requeue, on rank 0) would exit in the middle of a
-        step and lose the iterations since the last periodic checkpoint. It runs once the trainer has
-        stopped (StopOnRequestHook), or after half of --signal-delay-s if no step ends by then (a long
-        evaluation): the job then resumes from the last periodic checkpoint.
-        """
+        """Runs `run()`. At USR2 the trainer saves a checkpoint after its current step, then submitit's handler
+        (checkpoint() and requeue, on rank 0), which alone would exit mid-step, runs; if no step ends within
+        half of --signal-delay-s (a long evaluation), it runs anyway: the job resumes from the last periodic
+        checkpoint."""
         usr_sig = job_env._usr_sig()
         requeue = signal.getsignal(usr_sig)  # submitit's, installed before the job function runs
         fallback = threading.Timer(getattr(self.args, "signal_delay_s", 120) / 2, _requeue_from_thread,
@@ -152,7 +129,7 @@ class DistributedTrainingJob:
 
     def checkpoint(self):
         """Called by submitit on rank 0 at USR2: the same job again, resuming from OUTPUT_DIR."""
-        submitit = _import_submitit()
+        import submitit
         args = copy.deepcopy(self.args)
         args.resume = True
         print("drcl_d2 submit: requeued; the next run resumes from the last checkpoint", flush=True)
@@ -170,11 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--cpus-per-task", type=int, default=10, help="data-loading workers + 1 or 2")
     group.add_argument("--mem-gb", type=float, default=None, help="memory per node (default: the partition's)")
     group.add_argument("--timeout-min", type=int, default=4320, help="time limit of one job (before a requeue)")
-    group.add_argument("--partition", default=None)
-    group.add_argument("--account", default=None)
-    group.add_argument("--qos", default=None)
-    group.add_argument("--constraint", default=None, help="e.g. volta32gb")
-    group.add_argument("--comment", default=None)
+    for name in ("--partition", "--account", "--qos", "--comment"):
+        group.add_argument(name)
+    group.add_argument("--constraint", help="e.g. volta32gb")
     group.add_argument("--job-name", default=None, help="default: drcl_<script>")
     group.add_argument("--signal-delay-s", type=int, default=120,
                        help="USR2 comes this long before the time limit (requeue time)")
@@ -186,13 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def output_dir_of(args) -> str:
     """OUTPUT_DIR of the config file and opts, as the job's setup() will read it."""
-    cfg = add_drcl_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    return os.path.abspath(cfg.OUTPUT_DIR)
+    return os.path.abspath(load_config(args.config_file, args.opts).OUTPUT_DIR)
 
 
-def _check(parser, args) -> None:
+def build_executor(args, output_dir: str):
+    """submitit's executor for `args`: nodes x one task per GPU, logs in OUTPUT_DIR/submitit/<job id>."""
+    try:
+        import submitit
+    except ImportError as e:
+        raise ImportError("drcl_d2.tools.submit needs submitit: pip install -e '.[slurm]'") from e
+    executor = submitit.AutoExecutor(folder=os.path.join(output_dir, "submitit", "%j"), cluster=args.cluster,
+                                     slurm_max_num_timeout=args.max_requeues,
+                                     local_max_num_timeout=args.max_requeues)
+    executor.update_parameters(
+        name=args.job_name or f"drcl_{args.script}", nodes=args.nodes, tasks_per_node=args.gpus_per_node,
+        gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+        timeout_min=args.timeout_min, slurm_partition=args.partition, slurm_account=args.account,
+        slurm_qos=args.qos, slurm_constraint=args.constraint, slurm_comment=args.comment,
+        slurm_signal_delay_s=args.signal_delay_s)
+    return executor
+
+
+def parse_args(argv=None):
+    """The launcher's arguments, checked, with absolute paths and OUTPUT_DIR resolved into opts."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for name, instead in (("num_gpus", "--gpus-per-node"), ("num_machines", "--nodes"), ("machine_rank", None),
                           ("dist_url", None)):
         if getattr(args, name) != parser.get_default(name):
@@ -206,37 +199,6 @@ def _check(parser, args) -> None:
         raise SystemExit("--nodes and --gpus-per-node must be at least 1")
     if args.cluster == "local" and args.nodes != 1:
         raise SystemExit("--cluster local runs on this machine: --nodes 1")
-
-
-def build_executor(args, output_dir: str):
-    """submitit's executor for `args`: nodes x one task per GPU, logs in OUTPUT_DIR/submitit/<job id>."""
-    submitit = _import_submitit()
-    executor = submitit.AutoExecutor(folder=os.path.join(output_dir, SUBMITIT_FOLDER), cluster=args.cluster,
-                                     slurm_max_num_timeout=args.max_requeues,
-                                     local_max_num_timeout=args.max_requeues)
-    executor.update_parameters(
-        name=args.job_name or f"drcl_{args.script}",
-        nodes=args.nodes,
-        tasks_per_node=args.gpus_per_node,  # one task per GPU
-        gpus_per_node=args.gpus_per_node,
-        cpus_per_task=args.cpus_per_task,
-        mem_gb=args.mem_gb,
-        timeout_min=args.timeout_min,
-        slurm_partition=args.partition,
-        slurm_account=args.account,
-        slurm_qos=args.qos,
-        slurm_constraint=args.constraint,
-        slurm_comment=args.comment,
-        slurm_signal_delay_s=args.signal_delay_s,
-    )
-    return executor
-
-
-def parse_args(argv=None):
-    """The launcher's arguments, checked, with absolute paths and OUTPUT_DIR resolved into opts."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check(parser, args)
     # Absolute paths: the job may start in another working directory.
     args.config_file = os.path.abspath(args.config_file)
     args.opts = list(args.opts) + ["OUTPUT_DIR", output_dir_of(args)]
