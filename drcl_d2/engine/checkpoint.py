@@ -20,7 +20,7 @@ __all__ = ["AtomicDetectionCheckpointer", "LoadSummary", "atomic_torch_save", "a
 # FPN), a converted pretraining checkpoint all of it, an R-18 file in an R-50 model about a third.
 MIN_BACKBONE_FRACTION = 0.5
 
-# What drcl_d2.utils.atomic_write leaves behind when the process dies mid-write: ".<target>.<mkstemp id>.tmp".
+# What drcl_d2.utils.atomic_write leaves behind when the process dies mid-write: ".<target>.<8 random characters>.tmp".
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
