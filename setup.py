@@ -24,7 +24,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "submitit>=1.5"],  # the tests run the SLURM launcher locally
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "submitit>=1.5"],  # the tests run the SLURM launcher locally
         "slurm": ["submitit>=1.5"],  # python -m drcl_d2.tools.submit
     },
     entry_points={

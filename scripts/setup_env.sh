@@ -44,6 +44,6 @@ $PY -c "import detectron2.modeling, detectron2.engine" || { echo "[setup] detect
 
 echo "[setup] installing drcl_d2 (editable), the SLURM launcher's submitit and test tools"
 $PIP install -q --disable-pip-version-check --no-build-isolation -e '.[dev,slurm]' 2>&1 | grep -v "is ignored" || true
-$PY -c "import drcl_d2, lvis, submitit" || { echo "[setup] drcl_d2 is not importable" >&2; exit 1; }
+$PY -c "import drcl_d2, lvis, submitit, xdist" || { echo "[setup] drcl_d2 is not importable" >&2; exit 1; }
 touch "$STAMP"
 echo "[setup] done: $($PY -c 'import torch, detectron2; print("torch", torch.__version__, "detectron2", detectron2.__version__)')"
