@@ -418,7 +418,7 @@ def test_a_start_reads_each_json_once_and_unused_datasets_never(tmp_path, monkey
         assert sum(opens.counts.values()) == 0
         trainer = Trainer(cfg)
         predictor = trainer.model.roi_heads.box_predictor
-        assert predictor._class_image_counts().tolist() == [2, 1]  # cat_a in images 1-2, cat_b in 2
+        assert predictor.class_image_counts_source().tolist() == [2, 1]  # cat_a in images 1-2, cat_b in 2
     assert opens.counts == {jsons["train"]: 1, jsons["val"]: 1, jsons["unused"]: 0}
     assert MetadataCatalog.get("once_val").thing_classes == ["cat_a", "cat_b"]
     for n in jsons:  # a new process: fresh catalogs, the same files

@@ -30,7 +30,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_c
 
 from .classification_losses import CLS_LOSSES
 
-__all__ = ["CLS_LOSS_NAMES", "provide_class_image_counts", "LongTailOutputLayers", "FederatedOutputLayers", "NormedLinear",
+__all__ = ["CLS_LOSS_NAMES", "provide_class_image_counts", "ReadsClassImageCounts", "LongTailOutputLayers", "FederatedOutputLayers", "NormedLinear",
            "build_box_predictor", "check_roi_heads_read_cls_loss", "LongTailROIHeads", "LongTailCascadeROIHeads"]
 
 DETECTRON2_LOSSES = ("softmax_ce", "sigmoid_bce", "federated")
@@ -59,17 +59,28 @@ def training_class_image_counts(cfg) -> torch.Tensor:
 def provide_class_image_counts(model: nn.Module, dataset_dicts: list[dict], num_classes: int) -> None:
     """Give the predictors that read class frequencies the counts of the trainer's training list,
     so that the first loss does not parse the training json a second time (LVIS v1: ~45 s, 3 GB)."""
-    predictors = [m for m in model.modules() if getattr(m, "_class_image_counts", None) is not None]
+    predictors = [m for m in model.modules() if isinstance(m, ReadsClassImageCounts) and m.class_image_counts_source]
     if predictors:
         counts = class_image_counts_of(dataset_dicts, num_classes)
         for m in predictors:
-            m._class_image_counts = lambda: counts
+            m.use_class_image_counts(counts)
 
 
-def _read_counts(compute: Callable[[], torch.Tensor] | None, what: str) -> torch.Tensor:
-    if compute is None:
-        raise RuntimeError(f"{what} needs the training set's class image counts: pass class_image_counts")
-    return compute()
+class ReadsClassImageCounts:
+    """A box predictor whose loss reads the training set's images per class (federated, ECM), once,
+    at its first loss, from ``class_image_counts_source`` (() -> (C,) tensor; from_config: a parse of
+    DATASETS.TRAIN, replaced by the trainer's own list through use_class_image_counts)."""
+
+    class_image_counts_source: Callable[[], torch.Tensor] | None = None
+
+    def use_class_image_counts(self, counts: torch.Tensor) -> None:
+        """Read these counts (C,) instead of the source's."""
+        self.class_image_counts_source = lambda: counts
+
+    def read_class_image_counts(self, what: str) -> torch.Tensor:
+        if self.class_image_counts_source is None:
+            raise RuntimeError(f"{what} needs the training set's class image counts: pass class_image_counts")
+        return self.class_image_counts_source()
 
 
 class NormedLinear(nn.Linear):
@@ -86,7 +97,7 @@ class NormedLinear(nn.Linear):
         return F.linear(self.scale * F.normalize(x, dim=1), F.normalize(self.weight, dim=1), self.bias)
 
 
-class LongTailOutputLayers(FastRCNNOutputLayers):
+class LongTailOutputLayers(ReadsClassImageCounts, FastRCNNOutputLayers):
     """FastRCNNOutputLayers whose classifier width, classification loss and scores are those of a
     long-tail loss (EQLv2, Seesaw, ECM); box regression is detectron2's."""
 
@@ -108,7 +119,7 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             self.cls_score = nn.Linear(in_features, out_features)
             nn.init.normal_(self.cls_score.weight, std=0.01)  # as detectron2 initialises it
             nn.init.constant_(self.cls_score.bias, 0)
-        self._class_image_counts = class_image_counts
+        self.class_image_counts_source = class_image_counts
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -126,7 +137,7 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         """{loss_cls (+ loss_cls_objectness for Seesaw), loss_box_reg} of the sampled proposals."""
         logits, proposal_deltas = predictions  # (N, num_logits), (N, K*4 or 4)
         if getattr(self.cls_loss, "has_class_image_counts", True) is False:  # once per run (ECM)
-            self.cls_loss.set_class_image_counts(_read_counts(self._class_image_counts, type(self.cls_loss).__name__))
+            self.cls_loss.set_class_image_counts(self.read_class_image_counts(type(self.cls_loss).__name__))
         if proposals:
             gt_classes = cat([p.gt_classes for p in proposals], dim=0)  # (N,), C = background
             proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)  # (N, 4)
@@ -146,7 +157,7 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         return self.cls_loss.scores(logits).split([len(p) for p in proposals], dim=0)
 
 
-class FederatedOutputLayers(FastRCNNOutputLayers):
+class FederatedOutputLayers(ReadsClassImageCounts, FastRCNNOutputLayers):
     """detectron2's federated loss (Zhou et al., 2021) unchanged, with its sampling weights taken from
     the training set (CategoryStatistics) instead of LVIS metadata: image_count ** power."""
 
@@ -160,7 +171,7 @@ class FederatedOutputLayers(FastRCNNOutputLayers):
         # Re-registered non-persistent: read from this run's training set, never from a checkpoint.
         self.register_buffer("fed_loss_cls_weights", self.fed_loss_cls_weights, persistent=False)
         self.has_class_image_counts = False
-        self._class_image_counts = class_image_counts
+        self.class_image_counts_source = class_image_counts
         self.freq_weight_power = freq_weight_power
 
     @classmethod
@@ -174,7 +185,7 @@ class FederatedOutputLayers(FastRCNNOutputLayers):
 
     def sigmoid_cross_entropy_loss(self, pred_class_logits, gt_classes):
         if not self.has_class_image_counts:  # once per run
-            counts = _read_counts(self._class_image_counts, "federated loss")
+            counts = self.read_class_image_counts("federated loss")
             self.fed_loss_cls_weights.copy_(counts.to(self.fed_loss_cls_weights) ** self.freq_weight_power)
             # detectron2 draws its negatives without replacement from classes of non-zero weight: a
             # dataset with fewer such classes than FED_LOSS_NUM_CLASSES (small sets) keeps them all.
