@@ -221,9 +221,11 @@ def _class_names(cfg, dataset: str | None) -> tuple[list[str], str]:
         except (OSError, ValueError, KeyError) as e:
             logger.info(f"class names: {name} unusable ({e})")
             continue
-        classes = MetadataCatalog.get(name).get("thing_classes")
+        meta = MetadataCatalog.get(name)
+        classes = meta.get("thing_classes")
         if classes and len(classes) == cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-            return list(classes), name
+            # a --dataset-json's internal name ("drcl_plots:<json>:<root>") is shown as its json file
+            return list(classes), meta.get("json_file", name) if name.startswith("drcl_plots:") else name
     return [f"class {i}" for i in range(cfg.MODEL.ROI_HEADS.NUM_CLASSES)], "generic"
 
 
