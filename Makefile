@@ -8,6 +8,7 @@ PYTEST_ARGS ?= -q
 # (LVIS evaluation, json parsing, figures) or waits on the start of the processes it spawns, so
 # 2 one-thread processes keep 2 cores busier than 1 two-thread one.
 TEST_WORKERS ?= 2
+TEST_THREADS ?= $(if $(filter 1,$(TEST_WORKERS)),2,1)
 
 .PHONY: setup demo test bench longtail clean
 
@@ -20,7 +21,7 @@ demo: setup
 
 # The test suite (CPU, real detectron2).
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 # Regenerates the CPU tables of BENCHMARKS.md (GPU rows: benchmarks/bench_pretrain_step.py --device cuda --amp,
 # benchmarks/bench_step_ops.py --device cuda).
