@@ -9,7 +9,7 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["COMMON_MAX_IMAGES", "RARE_MAX_IMAGES", "atomic_write", "atomic_write_json", "frequency_group",
-           "load_config", "seeded_rng", "unpadded_size"]
+           "load_config", "seeded_rng", "ceil_div", "unpadded_size"]
 
 # LVIS v1's frequency groups by the number of training images that contain a category:
 # rare <= 10 < common <= 100 < frequent.
@@ -22,10 +22,17 @@ def frequency_group(image_count: int) -> str:
     return "r" if image_count <= RARE_MAX_IMAGES else "c" if image_count <= COMMON_MAX_IMAGES else "f"
 
 
+def ceil_div(size, stride):
+    """ceil(size / stride) for ints or integer tensors (broadcasting): the cells of a stride-``stride``
+    feature map that ``size`` pixels of an image cover in a padded batch (stride-2 "same" convolutions
+    round up)."""
+    return -(-size // stride)
+
+
 def unpadded_size(height: int, width: int, stride: int) -> tuple:
     """(rows, cols) of a stride-``stride`` feature map that a ``height`` x ``width`` image covers in a padded
-    batch: ceil(height / stride) x ceil(width / stride) (stride-2 "same" convolutions round up)."""
-    return -(-height // stride), -(-width // stride)
+    batch: ceil_div of each side."""
+    return ceil_div(height, stride), ceil_div(width, stride)
 
 
 @contextlib.contextmanager

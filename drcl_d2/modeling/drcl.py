@@ -51,7 +51,7 @@ from .heads import MLPHead, ReconstructionDecoder
 from .losses import info_nce, info_nce_with_batch_negatives, same_image_mask
 from .momentum import (DetectorModules, FeatureQueue, MicroBatchAware, MomentumUpdate, concat_all_gather, copy_params,
                        cosine_momentum, gather_variable)
-from ..utils import unpadded_size
+from ..utils import ceil_div, unpadded_size
 
 __all__ = ["DRCL", "BoxFeatureHead"]
 
@@ -131,8 +131,7 @@ class ValidRegions:
         self.offsets = dict(zip(self.strides, layout["offsets"]))
         self.level = layout["level"]  # (P,) stride index of each position
         sizes = torch.tensor(image_sizes, dtype=torch.long, device=device)  # (N, 2): one host-to-device copy
-        cells = torch.stack(unpadded_size(sizes[:, 0, None], sizes[:, 1, None], layout["strides"]),
-                            dim=1).clamp_(min=1)  # (N, 2, S)
+        cells = ceil_div(sizes[:, :, None], layout["strides"]).clamp_(min=1)  # (N, 2, S): utils.unpadded_size
         self.counts = (cells[:, 0] * cells[:, 1]).to(torch.float32)  # (N, S) cells per image and stride
         inside = (layout["row"] < cells[:, 0][:, self.level]) & (layout["col"] < cells[:, 1][:, self.level])
         self.flat = inside.to(torch.float32)  # (N, P)
