@@ -9,7 +9,7 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["COMMON_MAX_IMAGES", "RARE_MAX_IMAGES", "atomic_write", "atomic_write_json", "frequency_group",
-           "load_config", "seeded_rng", "ceil_div", "unpadded_size"]
+           "load_config", "seeded_rng", "ceil_div", "unpadded_size", "MAX_NAMED", "name_some"]
 
 # LVIS v1's frequency groups by the number of training images that contain a category:
 # rare <= 10 < common <= 100 < frequent.
@@ -20,6 +20,17 @@ COMMON_MAX_IMAGES = 100
 def frequency_group(image_count: int) -> str:
     """"r", "c" or "f": the LVIS frequency group of a category with ``image_count`` training images."""
     return "r" if image_count <= RARE_MAX_IMAGES else "c" if image_count <= COMMON_MAX_IMAGES else "f"
+
+
+MAX_NAMED = 5  # how many offending ids an error or warning lists
+
+
+def name_some(items, total: int | None = None) -> str:
+    """The first few items, comma-separated, and how many more there are (of `total` if given)."""
+    items = list(items)
+    total = len(items) if total is None else total
+    more = f" (and {total - MAX_NAMED} more)" if total > MAX_NAMED else ""
+    return ", ".join(str(i) for i in items[:MAX_NAMED]) + more
 
 
 def ceil_div(size, stride):

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from detectron2.data import MetadataCatalog
 
-from .datasets import FREQUENCIES, check_lvis_frequencies, ensure_dataset_metadata, name_some
+from ..utils import name_some
+from .datasets import FREQUENCIES, check_lvis_frequencies, ensure_dataset_metadata
 
 __all__ = ["num_classes_key", "check_num_classes", "check_training_dicts", "check_evaluation_datasets"]
 

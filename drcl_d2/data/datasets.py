@@ -22,12 +22,13 @@ import json
 import logging
 import math
 import os
-from typing import Iterable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from ..utils import MAX_NAMED, name_some
+from .image_folder import register_image_folders_from_config
 from .metadata_cache import read_cached_metadata, write_cached_metadata
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["register_lvis_format", "register_datasets_from_config", "load_lvis_format_json",
            "ensure_dataset_metadata", "check_lvis_frequencies", "sorted_categories", "FREQUENCIES"]
 
-_MAX_NAMED = 5  # how many offending ids an error or warning lists
 
 
 def read_json_file(json_file: str, what: str = "LVIS json"):
@@ -106,14 +106,6 @@ def _valid_segmentation(segm) -> bool:
         return "counts" in segm and "size" in segm
     return isinstance(segm, list) and len(segm) > 0 and all(
         isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm)
-
-
-def name_some(items: Iterable, total: int | None = None) -> str:
-    """The first few items, comma-separated, and how many more there are (of `total` if given)."""
-    items = list(items)
-    total = len(items) if total is None else total
-    more = f" (and {total - _MAX_NAMED} more)" if total > _MAX_NAMED else ""
-    return ", ".join(str(i) for i in items[:_MAX_NAMED]) + more
 
 
 def load_lvis_format_json(json_file: str, image_root: str, dataset_name: str | None = None,
@@ -223,7 +215,7 @@ def _metadata_from_json(data: dict, categories: list[dict]) -> dict:
         "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories)},
         "class_image_count": [{"id": c["id"], "image_count": c.get("image_count", 0)} for c in categories],
         "category_frequencies": [c.get("frequency") for c in categories],
-        "annotations_lacking": {key: (len(ids), ids[:_MAX_NAMED]) for key, ids in lacking.items() if ids},
+        "annotations_lacking": {key: (len(ids), ids[:MAX_NAMED]) for key, ids in lacking.items() if ids},
     }
 
 
@@ -278,8 +270,6 @@ def ensure_dataset_metadata(name: str) -> None:
 def register_datasets_from_config(cfg) -> list[str]:
     """Register every [name, json_file, image_root] triple of cfg.DATASETS.LVIS_CUSTOM (no json is
     read here: see :func:`register_lvis_format`)."""
-    from .image_folder import register_image_folders_from_config  # imports this module's name_some
-
     names = []
     for i, entry in enumerate(cfg.DATASETS.LVIS_CUSTOM):
         if len(entry) != 3:

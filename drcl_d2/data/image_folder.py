@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
-from .datasets import name_some
+from ..utils import name_some
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from typing import Iterable
 
 import numpy as np
 
-from .datasets import name_some, read_json_file
+from ..utils import name_some
+from .datasets import read_json_file
 
 logger = logging.getLogger(__name__)
 

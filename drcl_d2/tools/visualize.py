@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from drcl_d2.utils import load_config, seeded_rng, unpadded_size
+from drcl_d2.utils import load_config, name_some, seeded_rng, unpadded_size
 
 from .plots import PlotResult, labeled_paths, new_figure, save_png
 
@@ -86,7 +86,7 @@ def _images(images, dataset_json: str | None, image_root: str | None,
     registered as an LVIS-format dataset (by that name; None for files)."""
     from detectron2.data import DatasetCatalog
 
-    from ..data.datasets import name_some, register_lvis_format
+    from ..data.datasets import register_lvis_format
 
     if bool(images) == bool(dataset_json):
         raise ValueError("give either --images PATH ... or --dataset-json J [--image-root R]")
