@@ -34,15 +34,10 @@ __all__ = [
 
 
 class _StartIterMixin:
-    """Skip the samples of iterations already trained: global position start_iter × batch. On a
-    detectron2 sampler (argument, then keywords total_batch_size, shuffle=True, seed=None), its
-    own index stream from that position."""
+    """Skip the samples of iterations already trained: global position start_iter × batch."""
 
     _start_iter: int = 0
-
-    def __init__(self, arg, *, total_batch_size: int, shuffle: bool = True, seed: Optional[int] = None):
-        super().__init__(arg, shuffle=shuffle, seed=seed)
-        self._total_batch_size = int(total_batch_size)
+    _total_batch_size: int = 1
 
     def set_start_iter(self, start_iter: int) -> None:
         self._start_iter = int(start_iter)
@@ -50,17 +45,26 @@ class _StartIterMixin:
     def _start_position(self) -> int:
         return self._start_iter * self._total_batch_size
 
+
+class _ResumableDetectron2Sampler(_StartIterMixin):
+    """A detectron2 sampler (argument, then shuffle, seed) whose own index stream starts at the
+    start position: rank r takes positions start + r, start + r + W, ..."""
+
+    def __init__(self, arg, *, total_batch_size: int, shuffle: bool = True, seed: Optional[int] = None):
+        super().__init__(arg, shuffle=shuffle, seed=seed)
+        self._total_batch_size = int(total_batch_size)
+
     def __iter__(self):
         start = self._start_position() + self._rank
         yield from itertools.islice(self._infinite_indices(), start, None, self._world_size)
 
 
-class ResumableTrainingSampler(_StartIterMixin, TrainingSampler):
+class ResumableTrainingSampler(_ResumableDetectron2Sampler, TrainingSampler):
     """detectron2's TrainingSampler (uniform; argument: the dataset size) that resumes at the
     trainer's iteration."""
 
 
-class ResumableRepeatFactorTrainingSampler(_StartIterMixin, RepeatFactorTrainingSampler):
+class ResumableRepeatFactorTrainingSampler(_ResumableDetectron2Sampler, RepeatFactorTrainingSampler):
     """detectron2's RepeatFactorTrainingSampler (RFS; argument: the repeat factors) that resumes at
     the trainer's iteration. The index stream is detectron2's own; a resumed run replays (without
     loading images) the positions it has already trained on.
