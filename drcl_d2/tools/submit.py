@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def output_dir_of(args) -> str:
     """OUTPUT_DIR of the config file and opts, as the job's setup() will read it."""
-    return os.path.abspath(load_config(args.config_file, args.opts).OUTPUT_DIR)
+    return os.path.abspath(load_config(args.config_file, args.opts, device="cpu").OUTPUT_DIR)  # no CUDA check here
 
 
 def build_executor(args, output_dir: str):
